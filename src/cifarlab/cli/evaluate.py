@@ -1,0 +1,32 @@
+"""``cifarlab evaluate RUN_DIR``: test metrics of a run's best weights."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a run on the test set",
+                       description="Test loss, accuracy and per-class accuracy of RUN_DIR's best weights; writes "
+                                   "RUN_DIR/test_metrics.json and RUN_DIR/test_logits.npz.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data", metavar="PATH", help="data location, if it moved since training")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--tta", choices=["none", "flip", "flip_translate"], help="test-time augmentation "
+                   "(default: the run's train.tta)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..data import load_data
+    from ..evaluation import evaluate_run, format_table
+
+    data = None
+    if args.data:
+        cfg = load_config(f"{args.run_dir}/config.yaml", [f"data.path={args.data}"])
+        data = load_data(cfg.data)
+    res = evaluate_run(args.run_dir, data=data, device=args.device, tta=args.tta)
+    print(format_table(res))
+    print(f"wrote {args.run_dir}/test_metrics.json and test_logits.npz")
+    return 0

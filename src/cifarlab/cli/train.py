@@ -1,0 +1,59 @@
+"""``cifarlab train``: train a model from a config and write its run directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import CifarlabError
+from .common import add_config_args, config_overrides
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model", description="Train a model and write runs/<name>/.")
+    add_config_args(p)
+    p.add_argument("--out", default="runs", metavar="DIR", help="folder that holds run directories (default: runs)")
+    p.add_argument("--name", metavar="NAME", help="run directory name (default: <model>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (short for --set train.device=...)")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (short for --set train.precision=...)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images and count them")
+    p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="also checkpoint every N steps")
+    p.add_argument("--nan-policy", choices=["stop", "skip-batch"], help="what a non-finite loss does")
+    p.add_argument("--evaluate", action="store_true", help="evaluate the best weights on the test set at the end")
+    p.add_argument("--report", action="store_true", help="evaluate and write the HTML report at the end")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import fit
+
+    overrides = config_overrides(args)
+    for flag, key in (("device", "train.device"), ("precision", "train.precision"),
+                      ("checkpoint_every_steps", "train.checkpoint_every_steps"), ("nan_policy", "train.nan_policy")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.skip_bad_images:
+        overrides.append("data.skip_bad_images=true")
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise CifarlabError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        out, name = run_dir.parent, run_dir.name
+    else:
+        cfg = load_config(args.config, overrides)
+        out, name = Path(args.out), args.name
+    summary = fit(cfg, out, name, resume=bool(args.resume), overwrite=args.overwrite)
+    if args.evaluate or args.report:
+        from ..evaluation import evaluate_run, format_table
+
+        res = evaluate_run(summary["run_dir"])
+        print(format_table(res))
+    if args.report:
+        from ..report import make_report
+
+        make_report(summary["run_dir"])
+    return 0

@@ -1,0 +1,313 @@
+"""One typed config per run: ``data``, ``model``, ``optim`` and ``train`` sections.
+
+A config is loaded from YAML (``configs/*.yaml``), overridden by ``--set
+section.key=value`` strings, validated with messages that name the key, and
+saved in full with every run (``config.yaml``) so the run can be reproduced.
+
+The ``model`` section is open: besides ``name`` it takes the keyword arguments of
+the registered model builder, checked against that builder's signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # image folder, archive (.tar.gz / cifar-10-batches-py) or None: $CIFARLAB_DATA, else download
+    image_size: int = 32  # pixels; images of another size are resized to this
+    train_size: int = 40000  # images of the 50k training set used for training (stratified subset when smaller)
+    val_size: int = 10000  # images held out of the training set for validation
+    seed: int = 0  # seed of the train/validation split
+    skip_bad_images: bool = False  # skip (and count) unreadable images instead of failing
+    # Study augmentation: with probability augment_p an image gets flip + rotation + random resized crop.
+    augment_p: float = 0.0  # probability, 0..1
+    hflip: bool = True  # horizontal flip (with prob 0.5) inside the applied augmentation
+    rotation: float = 15.0  # degrees, rotation drawn from U(-rotation, rotation)
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # area fraction of the crop
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])  # aspect ratio of the crop
+    # Fast-training augmentations (airbench / ResNet-9 recipes), applied to every training image.
+    flip: str = "none"  # none | random | alternating: horizontal flip outside the study's augmentation
+    translate: int = 0  # pixels: random crop with reflect padding of this many pixels (0 = off)
+    cutout: int = 0  # side of a square zeroed at a random position (0 = off)
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup (0 = off)
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix (0 = off)
+    trivial_augment: bool = False  # TrivialAugment-Wide, batched per op
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    params: dict[str, Any] = field(default_factory=dict)  # builder kwargs, flattened into the section in YAML
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.01  # decoupled weight decay
+    momentum: float = 0.9  # SGD momentum (Nesterov)
+    nesterov: bool = True
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    schedule: str = "exponential"  # exponential | cosine | onecycle | linear | constant
+    gamma: float = 0.95  # exponential decay per epoch
+    warmup_epochs: float = 0.0  # linear warm-up (epochs, fractional allowed) for cosine / linear
+    min_lr_ratio: float = 0.0  # final lr / peak lr for cosine / linear
+    lr_scale_rule: str = "none"  # none | linear | sqrt: scale lr by world size in distributed runs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 1024
+    val_every: int = 1  # validate every N epochs (and always after the last)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: CUDA only)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    channels_last: bool = True  # memory format for conv nets
+    compile: bool = False  # torch.compile the model (compile time is reported)
+    num_threads: int = 0  # torch intra-op threads, 0 = all cores
+    label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
+    ema_every: int = 1  # steps between EMA updates
+    tta: str = "none"  # none | flip | flip_translate: test-time augmentation at evaluation
+    grad_clip: float = 0.0  # max gradient norm (0 = off)
+    checkpoint_every_steps: int = 0  # also write the last checkpoint every N steps (0 = per epoch only)
+    nan_policy: str = "stop"  # stop | skip-batch
+    log_every: int = 20  # steps between progress-bar updates (each costs one host sync)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ----------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        params = d["model"].pop("params")
+        d["model"].update(params)
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "RunConfig":
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError("config must be a mapping of sections (data, model, optim, train)")
+        unknown = set(raw) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))} "
+                              f"(expected: {', '.join(SECTIONS)})")
+        cfg = cls()
+        for section, values in raw.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value)
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # -------------------------------------------------------- overrides
+    def set(self, dotted: str, value: Any) -> None:
+        """Set ``section.key`` to ``value``, converting and type-checking it."""
+        if "." not in dotted:
+            raise ConfigError(f"config key '{dotted}' must look like section.key (e.g. optim.lr)")
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}' in '{dotted}' (expected: {', '.join(SECTIONS)})")
+        obj = getattr(self, section)
+        if section == "model" and key != "name":
+            if key == "params":
+                if not isinstance(value, dict):
+                    raise ConfigError("model.params must be a mapping")
+                obj.params.update(value)
+            else:
+                obj.params[key] = value
+            return
+        types_ = {f.name: f.type for f in fields(obj)}
+        if key not in types_ or key == "params":
+            raise ConfigError(f"unknown config key '{dotted}'; {section} keys are: "
+                              f"{', '.join(k for k in types_ if k != 'params')}")
+        setattr(obj, key, _coerce(dotted, value, _resolve_type(type(obj), key)))
+
+    def apply_overrides(self, overrides: list[str]) -> None:
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"--set expects section.key=value, got '{item}'")
+            key, text = item.split("=", 1)
+            try:
+                value = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                value = text
+            self.set(key.strip(), value)
+
+    # -------------------------------------------------------- validation
+    def validate(self) -> "RunConfig":
+        """Check ranges and cross-field rules; raises ConfigError naming the key."""
+        d, m, o, t = self.data, self.model, self.optim, self.train
+        _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
+        _check(d.train_size >= 1, "data.train_size", d.train_size, "must be >= 1")
+        _check(d.val_size >= 0, "data.val_size", d.val_size, "must be >= 0")
+        _check(0.0 <= d.augment_p <= 1.0, "data.augment_p", d.augment_p, "must be in [0, 1]")
+        _check(0.0 <= d.rotation <= 180.0, "data.rotation", d.rotation, "must be in [0, 180] degrees")
+        _pair(d.crop_scale, "data.crop_scale", lo=0.0, hi=1.0)
+        _pair(d.crop_ratio, "data.crop_ratio", lo=0.0, hi=math.inf)
+        _check(d.flip in ("none", "random", "alternating"), "data.flip", d.flip, "must be none, random or alternating")
+        _check(0 <= d.translate < d.image_size, "data.translate", d.translate, "must be in [0, image_size)")
+        _check(0 <= d.cutout <= d.image_size, "data.cutout", d.cutout, "must be in [0, image_size]")
+        _check(d.mixup >= 0 and d.cutmix >= 0, "data.mixup/cutmix", (d.mixup, d.cutmix), "must be >= 0")
+
+        _check(o.name in ("adamw", "sgd"), "optim.name", o.name, "must be adamw or sgd")
+        _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be a positive number")
+        _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+        _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+        _pair(o.betas, "optim.betas", lo=0.0, hi=1.0)
+        _check(o.schedule in ("exponential", "cosine", "onecycle", "linear", "constant"), "optim.schedule",
+               o.schedule, "must be exponential, cosine, onecycle, linear or constant")
+        _check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
+        _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+        _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+        _check(o.lr_scale_rule in ("none", "linear", "sqrt"), "optim.lr_scale_rule", o.lr_scale_rule,
+               "must be none, linear or sqrt")
+
+        _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+        _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+        _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
+        _check(t.val_every >= 1, "train.val_every", t.val_every, "must be >= 1")
+        _check(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision,
+               "must be auto, fp32, bf16 or fp16")
+        _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
+               "must be auto, cpu, cuda or cuda:N")
+        _check(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
+        _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
+        _check(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1)")
+        _check(t.ema_every >= 1, "train.ema_every", t.ema_every, "must be >= 1")
+        _check(t.tta in ("none", "flip", "flip_translate"), "train.tta", t.tta, "must be none, flip or flip_translate")
+        _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0")
+        _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 0")
+        _check(t.nan_policy in ("stop", "skip-batch"), "train.nan_policy", t.nan_policy, "must be stop or skip-batch")
+        _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+
+        from .models import validate_model_params  # late import: models import torch
+
+        m.params = validate_model_params(m.name, m.params, image_size=d.image_size)
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults), apply ``--set`` overrides and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    cfg = RunConfig.from_dict(raw)
+    cfg.apply_overrides(overrides or [])
+    return cfg.validate()
+
+
+# ------------------------------------------------------------------ helpers
+def _resolve_type(cls: type, key: str) -> Any:
+    return typing.get_type_hints(cls)[key]
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """Convert ``value`` to ``typ`` where that is lossless, else raise ConfigError."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        last: ConfigError | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(name, value, a)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"{name}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (inner,) = args
+        return [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _check(ok: bool, key: str, value: Any, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {msg}")
+
+
+def _pair(value: list[float], key: str, lo: float, hi: float) -> None:
+    _check(len(value) == 2 and lo < value[0] <= value[1] <= hi, key, value,
+           f"must be [low, high] with {lo} < low <= high <= {hi}")
+
+
+def coerce_like(name: str, value: Any, default: Any) -> Any:
+    """Coerce a model hyperparameter to the type of its builder default."""
+    if default is None or isinstance(default, dataclasses.Field):
+        return value
+    if isinstance(default, bool):
+        return _coerce(name, value, bool)
+    if isinstance(default, int):
+        return _coerce(name, value, int)
+    if isinstance(default, float):
+        return _coerce(name, value, float)
+    if isinstance(default, str):
+        return _coerce(name, value, str)
+    if isinstance(default, (list, tuple)):
+        inner = type(default[0]) if default else Any
+        inner = float if inner is float else int if inner is int else inner
+        return _coerce(name, value, list[inner]) if inner is not Any else list(value)
+    return value

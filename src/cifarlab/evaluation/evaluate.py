@@ -1,0 +1,74 @@
+"""``cifarlab evaluate RUN_DIR``: test loss, accuracy and per-class accuracy of the best weights.
+
+The test logits and labels are written to ``test_logits.npz`` so that reports and
+comparisons derive every metric and plot from the same numbers, without
+re-running the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, load_config
+from ..data import CifarData, load_data
+from ..data.loader import DeviceBatches
+from ..errors import CifarlabError
+from ..metrics import Accuracy
+from ..train.checkpoint import atomic_write, atomic_write_text, load_into, load_weights
+from ..train.loop import build_model, evaluate
+from ..train.runtime import Runtime, setup_runtime
+
+
+def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, torch.nn.Module, dict, Runtime]:
+    """Rebuild a run's model from ``config.yaml`` and load ``best.safetensors`` into it."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CifarlabError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    if device != "auto":
+        cfg.train.device = device
+    tensors, meta = load_weights(run_dir / "best.safetensors")
+    if meta.get("model") != cfg.model.name:
+        raise CifarlabError(f"{run_dir}/best.safetensors holds a {meta.get('model')!r} model, config says "
+                            f"{cfg.model.name!r}")
+    model = build_model(cfg, int(meta["num_classes"]))
+    load_into(model, tensors, str(run_dir / "best.safetensors"))
+    rt = setup_runtime(cfg.train, cfg.model.name)
+    model = model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return cfg, model.eval(), meta, rt
+
+
+def evaluate_run(run_dir: str | Path, data: CifarData | None = None, device: str = "auto",
+                 tta: str | None = None) -> dict:
+    run_dir = Path(run_dir)
+    cfg, model, meta, rt = load_run_model(run_dir, device)
+    data = data if data is not None else load_data(cfg.data)
+    if list(data.classes) != list(meta["classes"]):
+        raise CifarlabError(f"the data's classes {data.classes} differ from the run's {meta['classes']}")
+    norm = DeviceBatches(data.test_x[:0], data.test_y[:0], 1, mean=meta["mean"], std=meta["std"], device=rt.device)
+    tta = cfg.train.tta if tta is None else tta
+    loss, acc, logits = evaluate(model, data.test_x, data.test_y, norm, rt, cfg.train.eval_batch_size, tta)
+    metric = Accuracy(len(data.classes))
+    metric.update(logits.cpu(), data.test_y)
+    res = metric.compute()
+    out = {"test_loss": loss, "test_acc": acc, "per_class_acc": dict(zip(data.classes, res["per_class"])),
+           "num_test": res["count"], "tta": tta, "best_epoch": meta.get("epoch"), "val_acc": meta.get("val_acc")}
+    atomic_write_text(run_dir / "test_metrics.json", json.dumps(out, indent=2))
+    atomic_write(run_dir / "test_logits.npz", lambda f: np.savez(
+        f, logits=logits.cpu().numpy().astype(np.float32), labels=data.test_y.numpy().astype(np.int64),
+        classes=np.array(data.classes)))
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = [f"{'class':<14}{'accuracy':>10}", "-" * 24]
+    for cls, a in res["per_class_acc"].items():
+        lines.append(f"{cls:<14}{a:>10.4f}")
+    lines += ["-" * 24, f"{'test loss':<14}{res['test_loss']:>10.4f}", f"{'test accuracy':<14}{res['test_acc']:>10.4f}"]
+    return "\n".join(lines)

@@ -1,0 +1,445 @@
+"""The training loop: ``train_one_epoch``, ``evaluate`` and ``fit``.
+
+``fit`` owns the run directory (config, metrics, weights, checkpoints, summary);
+the per-epoch and per-batch work stays in small functions that fit on a screen.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..config import RunConfig
+from ..data import CifarData, load_data
+from ..data.augment import BatchAugment
+from ..data.loader import DeviceBatches, step_seed
+from ..errors import CifarlabError, ConfigError
+from ..models import count_parameters, create_model
+from . import distributed as dist
+from .checkpoint import (atomic_write_text, load_checkpoint, load_into, save_checkpoint, save_weights,
+                         state_dict_cpu, unwrap)
+from .ema import ModelEMA
+from .optim import apply_decoupled_wd, build_optimizer, build_scheduler
+from .runtime import Runtime, maybe_compile, setup_runtime
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+class NonFiniteLoss(CifarlabError):
+    """The loss became NaN or infinite (``--nan-policy stop``)."""
+
+
+class Interrupted(CifarlabError):
+    """SIGINT / SIGTERM: the run stopped after a checkpoint."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps completed inside the current epoch (mid-epoch checkpoints)
+    global_step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    skipped_batches: int = 0
+    history: list[dict] = field(default_factory=list)
+    partial: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, seen so far this epoch
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    params = dict(cfg.model.params)
+    from ..models import model_defaults
+
+    if "image_size" in model_defaults(cfg.model.name) and "image_size" not in params:
+        params["image_size"] = cfg.data.image_size
+    return create_model(cfg.model.name, num_classes, **params)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy against hard labels (N,) or soft targets (N, C) from mixup / cutmix."""
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    if label_smoothing:
+        target = target * (1 - label_smoothing) + label_smoothing / logits.shape[1]
+    return torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+# --------------------------------------------------------------------------- epoch
+def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.optim.Optimizer, scheduler,
+                    per_step_sched: bool, rt: Runtime, cfg: RunConfig, state: TrainState, epoch: int,
+                    ema: ModelEMA | None = None, on_step: Callable[[int], None] | None = None,
+                    mix: Callable | None = None) -> tuple[float, float]:
+    """One pass over the training batches; returns (mean loss, accuracy) over the epoch."""
+    t = cfg.train
+    model.train()
+    # Running sums stay on the device (no per-step sync); a mid-epoch resume restores them from the checkpoint.
+    loss_sum = torch.tensor(state.partial[0] if state.step else 0.0, device=rt.device, dtype=torch.float64)
+    correct = torch.tensor(int(state.partial[1]) if state.step else 0, device=rt.device, dtype=torch.int64)
+    seen = torch.tensor(int(state.partial[2]) if state.step else 0, device=rt.device, dtype=torch.int64)
+    state.running = (loss_sum, correct, seen)
+    bad = torch.zeros((), device=rt.device, dtype=torch.bool)
+    bar = tqdm(total=len(batches), initial=state.step, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch",
+               leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True)
+    for step, x, y in batches.epoch(epoch, start_step=state.step):
+        # Dropout and other model randomness replay exactly from (seed, epoch, step): resume is bit-exact.
+        torch.manual_seed(step_seed(t.seed + 1, epoch, step))
+        target = y
+        if mix is not None:
+            x, target = mix(x, y, epoch, step)
+        with rt.autocast():
+            logits = model(x)
+            loss = soft_cross_entropy(logits.float(), target, t.label_smoothing)
+        finite = torch.isfinite(loss)
+        if t.nan_policy == "skip-batch" and not bool(finite):  # a host sync only under this policy
+            optimizer.zero_grad(set_to_none=True)
+            state.skipped_batches += 1
+        else:
+            bad |= ~finite
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            apply_decoupled_wd(optimizer)
+            optimizer.step()
+            if ema is not None and (state.global_step + 1) % t.ema_every == 0:
+                ema.update(model)
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+        if per_step_sched:
+            scheduler.step()
+        state.step = step + 1
+        state.global_step += 1
+        state.images_seen += len(y) * dist.world_size()
+        if (step + 1) % t.log_every == 0 or step + 1 == len(batches):
+            if t.nan_policy == "stop" and bool(bad):
+                raise NonFiniteLoss(f"non-finite loss in epoch {epoch + 1} at or before step {step + 1}; "
+                                    f"the last good checkpoint is kept")
+            n = max(1, int(seen))
+            bar.set_postfix(loss=f"{float(loss_sum) / n:.4f}", acc=f"{int(correct) / n:.3f}", refresh=False)
+        bar.update(1)
+        if on_step is not None:
+            on_step(step + 1)
+    bar.close()
+    if t.nan_policy == "stop" and bool(bad):
+        raise NonFiniteLoss(f"non-finite loss in epoch {epoch + 1}; the last good checkpoint is kept")
+    totals = dist.all_reduce_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
+    n = max(1.0, float(totals[2]))
+    return float(totals[0]) / n, float(totals[1]) / n
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x_uint8: torch.Tensor, batches_like: DeviceBatches, rt: Runtime,
+                   batch_size: int, tta: str = "none") -> torch.Tensor:
+    """Logits (N, C) in fp32 for uint8 images, in large batches under ``inference_mode``."""
+    model.eval()
+    out = []
+    for i in range(0, len(x_uint8), batch_size):
+        xb = batches_like.normalize(x_uint8[i:i + batch_size].to(rt.device, non_blocking=True))
+        if rt.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with rt.autocast():
+            out.append(tta_logits(model, xb, tta).float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Test-time augmentation: average the logits over flips (and one-pixel translations)."""
+    logits = model(x)
+    if tta == "none":
+        return logits
+    views = [x.flip(3)]
+    if tta == "flip_translate":
+        pad = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        H, W = x.shape[-2:]
+        for dy, dx in ((0, 0), (2, 2)):  # shift by -1 and +1 pixel in both axes
+            shifted = pad[..., dy:dy + H, dx:dx + W]
+            views += [shifted, shifted.flip(3)]
+    for v in views:
+        logits = logits + model(v)
+    return logits / (1 + len(views))
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches_like: DeviceBatches, rt: Runtime,
+             batch_size: int, tta: str = "none") -> tuple[float, float, torch.Tensor]:
+    """(loss, accuracy, logits) on a labelled set."""
+    logits = predict_logits(model, x, batches_like, rt, batch_size, tta)
+    y = y.to(logits.device)
+    loss = F.cross_entropy(logits, y).item() if len(y) else float("nan")
+    acc = (logits.argmax(1) == y).float().mean().item() if len(y) else float("nan")
+    return loss, acc, logits
+
+
+# --------------------------------------------------------------------------- run dir
+def default_run_name(cfg: RunConfig) -> str:
+    return f"{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(out: str | Path, name: str | None, cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(out) / (name or default_run_name(cfg))
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise CifarlabError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue "
+                                f"it or --overwrite to replace it")
+        for f in run_dir.iterdir():
+            if f.is_file():
+                f.unlink()
+    return run_dir
+
+
+def weights_meta(cfg: RunConfig, data: CifarData, model: nn.Module, epoch: int, val_acc: float) -> dict:
+    return {"model": cfg.model.name, "hparams": cfg.model.params, "num_classes": data.num_classes,
+            "classes": data.classes, "image_size": cfg.data.image_size, "mean": data.mean, "std": data.std,
+            "epoch": epoch, "val_acc": val_acc, "params": count_parameters(unwrap(model))}
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate((3, tuple(s["python"]), s["python_pos"]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available() and s.get("cuda"):
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _SignalGuard:
+    """Turn SIGINT / SIGTERM into a flag checked after each step, so the step finishes and a checkpoint is written."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------- fit
+def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *, data: CifarData | None = None,
+        resume: bool = False, overwrite: bool = False,
+        on_epoch_end: Callable[[int, dict], None] | None = None, quiet: bool = False) -> dict:
+    """Train a model as configured; returns the run summary (also written to ``summary.json``).
+
+    ``on_epoch_end(epoch, row)`` is called after each epoch with the metrics row; it may raise
+    (e.g. ``optuna.TrialPruned``) to stop the run after its files are written.
+    """
+    dist.init()
+    t = cfg.train
+    run_dir = prepare_run_dir(out_dir, name, cfg, resume, overwrite) if dist.is_main() else Path(out_dir) / (name or "")
+    ckpt_state = None
+    if resume:
+        ckpt_state = load_checkpoint(run_dir / "last.pt")
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = (lambda *a: None) if quiet or not dist.is_main() else tqdm.write
+    rt = setup_runtime(t, cfg.model.name)
+    if dist.world_size() > 1:
+        rt.device = dist.device_for_rank(rt.device)
+    seed_everything(t.seed)
+
+    data = data if data is not None else load_data(cfg.data)
+    if data.skipped:
+        log(f"skipped {data.skipped} unreadable image(s) (--skip-bad-images)")
+    model = build_model(cfg, data.num_classes).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    n_params = count_parameters(model)
+    augment = BatchAugment(cfg.data, len(data.train_x), t.seed)
+    train_batches = DeviceBatches(data.train_x, data.train_y, t.batch_size, mean=data.mean, std=data.std,
+                                  device=rt.device, shuffle=True, drop_last=len(data.train_x) >= t.batch_size,
+                                  augment=augment, seed=t.seed, channels_last=rt.channels_last,
+                                  rank=dist.rank(), world_size=dist.world_size())
+    if len(train_batches) == 0:
+        raise ConfigError(f"train.batch_size={t.batch_size} leaves no batch for {len(data.train_x)} images per process")
+    lr = cfg.optim.lr * dist.lr_scale(cfg.optim.lr_scale_rule)
+    optimizer = build_optimizer(model, cfg.optim, lr)
+    scheduler, per_step = build_scheduler(optimizer, cfg.optim, t.epochs, len(train_batches))
+    ema = ModelEMA(model, t.ema) if t.ema > 0 else None
+    from .mix import build_mix  # mixup / cutmix, when configured
+
+    mix = build_mix(cfg.data, data.num_classes, t.seed)
+
+    state = TrainState()
+    if ckpt_state is not None:
+        if ckpt_state.get("model_name") != cfg.model.name or ckpt_state.get("num_classes") != data.num_classes:
+            raise CifarlabError(f"{run_dir / 'last.pt'} is from model {ckpt_state.get('model_name')!r} with "
+                                f"{ckpt_state.get('num_classes')} classes, not {cfg.model.name!r} with {data.num_classes}")
+        load_into(model, ckpt_state["model"], str(run_dir / "last.pt"))
+        optimizer.load_state_dict(ckpt_state["optimizer"])
+        scheduler.load_state_dict(ckpt_state["scheduler"])
+        if ema is not None and ckpt_state.get("ema") is not None:
+            load_into(ema.module, ckpt_state["ema"], "EMA weights")
+        state = TrainState(**ckpt_state["train_state"])
+        set_rng_state(ckpt_state["rng"])
+        log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
+
+    train_model = maybe_compile(model, t.compile)
+    train_model = dist.wrap_ddp(train_model, rt.device)
+    if dist.is_main():
+        cfg.save(run_dir / "config.yaml")
+        if ckpt_state is None:
+            _write_metrics_header(run_dir / "metrics.csv")
+    log(f"run {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | {rt.device} {rt.precision}"
+        f"{' channels-last' if rt.channels_last else ''} | {len(data.train_x)} train / {len(data.val_x)} val"
+        f"{f' | {dist.world_size()} processes' if dist.world_size() > 1 else ''}")
+
+    def checkpoint() -> None:
+        if dist.is_main():
+            save_checkpoint(run_dir / "last.pt", {
+                "model": state_dict_cpu(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": state_dict_cpu(ema.module) if ema else None,
+                "train_state": _train_state_dict(state), "rng": rng_state(), "model_name": cfg.model.name,
+                "num_classes": data.num_classes, "config": cfg.to_dict()})
+        dist.barrier()
+
+    def on_step(step: int) -> None:
+        if guard.signum is not None:
+            checkpoint()
+            raise Interrupted(f"stopped by {signal.Signals(guard.signum).name} in epoch {state.epoch + 1} at step "
+                              f"{step}; checkpoint written. Resume with: cifarlab train --resume {run_dir}")
+        if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0 and step < len(train_batches):
+            checkpoint()
+
+    eval_model = ema.module if ema is not None else model
+    with _SignalGuard() as guard:
+        while state.epoch < t.epochs:
+            epoch = state.epoch
+            t0 = time.perf_counter()
+            train_loss, train_acc = train_one_epoch(train_model, train_batches, optimizer, scheduler, per_step, rt,
+                                                    cfg, state, epoch, ema, on_step, mix)
+            lr_now = optimizer.param_groups[0]["lr"]
+            if not per_step:
+                scheduler.step()
+            seconds = time.perf_counter() - t0
+            state.train_seconds += seconds
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": "",
+                   "val_acc": "", "lr": lr_now, "seconds": round(seconds, 3)}
+            if ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs) and len(data.val_x):
+                val_loss, val_acc = _validate(eval_model, data, train_batches, rt, t)
+                row.update(val_loss=val_loss, val_acc=val_acc)
+                if val_acc > state.best_acc and dist.is_main():
+                    state.best_acc, state.best_epoch = val_acc, epoch + 1
+                    save_weights(run_dir / "best.safetensors", eval_model,
+                                 weights_meta(cfg, data, eval_model, epoch + 1, val_acc))
+            state.epoch, state.step = epoch + 1, 0
+            state.history.append(row)
+            if dist.is_main():
+                _append_metrics(run_dir / "metrics.csv", row)
+            checkpoint()
+            log(_epoch_line(row, t.epochs))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, row)
+
+    if not len(data.val_x) and dist.is_main():  # no validation split: keep the final weights as "best"
+        save_weights(run_dir / "best.safetensors", eval_model, weights_meta(cfg, data, eval_model, t.epochs, float("nan")))
+    summary = {
+        "run_dir": str(run_dir), "model": cfg.model.name, "params": n_params, "epochs": state.epoch,
+        "best_val_acc": state.best_acc if state.best_acc >= 0 else None, "best_epoch": state.best_epoch,
+        "final_val_acc": next((r["val_acc"] for r in reversed(state.history) if r["val_acc"] != ""), None),
+        "train_seconds": round(state.train_seconds, 2),
+        "images_per_second": round(state.images_seen / state.train_seconds, 1) if state.train_seconds else None,
+        "device": str(rt.device), "precision": rt.precision, "world_size": dist.world_size(),
+        "train_images": len(data.train_x), "val_images": len(data.val_x), "classes": data.classes,
+        "skipped_images": data.skipped, "skipped_batches": state.skipped_batches,
+        "data_source": data.source,
+    }
+    if dist.is_main():
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        log(f"done: best val acc {summary['best_val_acc'] if summary['best_val_acc'] is not None else float('nan'):.4f} "
+            f"(epoch {state.best_epoch}) in {state.train_seconds:.0f}s -> {run_dir}")
+    return summary
+
+
+def _train_state_dict(state: TrainState) -> dict:
+    d = dataclasses.asdict(state)
+    running = getattr(state, "running", None)
+    if state.step and running is not None:
+        d["partial"] = [float(running[0]), float(running[1]), float(running[2])]
+    else:
+        d["partial"] = [0.0, 0.0, 0.0]
+    return d
+
+
+def _validate(model, data, batches_like, rt, t) -> tuple[float, float]:
+    x, y = data.val_x, data.val_y
+    if dist.world_size() > 1:  # each rank scores its shard; sums are reduced
+        x, y = x[dist.rank()::dist.world_size()], y[dist.rank()::dist.world_size()]
+    logits = predict_logits(model, x, batches_like, rt, t.eval_batch_size)
+    yy = y.to(logits.device)
+    sums = torch.stack([F.cross_entropy(logits, yy, reduction="sum").double(),
+                        (logits.argmax(1) == yy).sum().double(), torch.tensor(float(len(yy)), dtype=torch.float64,
+                                                                              device=logits.device)])
+    sums = dist.all_reduce_sum(sums)
+    n = max(1.0, float(sums[2]))
+    return float(sums[0]) / n, float(sums[1]) / n
+
+
+def _write_metrics_header(path: Path) -> None:
+    atomic_write_text(path, ",".join(METRIC_FIELDS) + "\n")
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    """Rewrite metrics.csv atomically so that it always matches the checkpoint's history."""
+    rows = []
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
+    rows.append(row)
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else repr(v)
+        return str(v)
+
+    text = ",".join(METRIC_FIELDS) + "\n" + "".join(
+        ",".join(fmt(r.get(k, "")) for k in METRIC_FIELDS) + "\n" for r in rows)
+    atomic_write_text(path, text)
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    val = f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if row["val_acc"] != "" else ""
+    return (f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+            f"{val} | lr {row['lr']:.2e} | {row['seconds']:.1f}s")

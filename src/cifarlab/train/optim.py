@@ -1,0 +1,69 @@
+"""Optimizer and learning-rate schedule from the ``optim`` config section."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, LRScheduler, OneCycleLR
+
+from ..config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norm parameters and embeddings (1-D or token tensors), as in timm / nanoGPT."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = cfg.lr if lr is None else lr
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "sgd":
+        # Decoupled weight decay for SGD: torch's SGD couples it to the gradient, so we scale it by lr
+        # inside the step instead (see apply_decoupled_wd); here it is off.
+        for g in groups:
+            g["decoupled_wd"] = g.pop("weight_decay")
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=0.0)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def apply_decoupled_wd(optimizer: torch.optim.Optimizer) -> None:
+    """p <- p * (1 - lr * wd) before the gradient step (Loshchilov & Hutter, 2019) for SGD."""
+    for g in optimizer.param_groups:
+        wd = g.get("decoupled_wd", 0.0)
+        if wd:
+            torch._foreach_mul_(g["params"], 1.0 - g["lr"] * wd)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,
+                    steps_per_epoch: int) -> tuple[LRScheduler, bool]:
+    """Return (scheduler, per_step): per_step schedulers step every batch, the others every epoch."""
+    total = max(1, epochs * steps_per_epoch)
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.schedule == "exponential":  # the study's: lr * gamma**epoch
+        return ExponentialLR(optimizer, gamma=cfg.gamma), False
+    if cfg.schedule == "onecycle":
+        pct = min(0.99, max(0.01, warm / total)) if warm else 0.25
+        return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+                          pct_start=pct, anneal_strategy="linear", div_factor=25.0,
+                          final_div_factor=1.0 / max(cfg.min_lr_ratio, 1e-4) / 25.0), True
+    floor = cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg.schedule == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        if cfg.schedule == "linear":
+            return floor + (1 - floor) * (1 - t)
+        return 1.0
+
+    return LambdaLR(optimizer, factor), True
