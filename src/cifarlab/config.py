@@ -126,7 +126,9 @@ class RunConfig:
         return cfg
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from .train.checkpoint import atomic_write_text  # late import (torch); a kill mid-write must not tear it
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     # -------------------------------------------------------- overrides
     def set(self, dotted: str, value: Any) -> None:

@@ -97,13 +97,15 @@ def _resize(raw: RawData, size: int) -> RawData:
 
 
 def split_indices(labels: np.ndarray, train_size: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded train/validation split of the training set's indices."""
+    """Stratified, seeded train/validation split of the training set's indices.
+
+    ``train_size`` is an upper bound: a smaller data set trains on all images not held out for validation.
+    """
     n = len(labels)
-    if train_size + val_size > n:
-        raise DataError(f"data.train_size + data.val_size = {train_size + val_size} exceeds the "
-                        f"{n} training images")
     idx = np.arange(n)
     n_classes = len(np.unique(labels))
+    if val_size > n - n_classes:
+        raise DataError(f"data.val_size={val_size} leaves too few of the {n} training images for training")
     if val_size == 0:
         val = np.array([], np.int64)
         rest = idx

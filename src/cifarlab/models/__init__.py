@@ -71,4 +71,4 @@ def _get(name: str) -> Callable[..., nn.Module]:
 
 
 # Importing the modules registers their builders.
-from . import cnn, resnet, vit  # noqa: E402,F401
+from . import cnn, resnet, speednet, vit  # noqa: E402,F401

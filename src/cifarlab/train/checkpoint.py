@@ -3,31 +3,48 @@ and full training checkpoints loaded with ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CifarlabError
+
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it) and restored at once
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write via a temp file in the same folder, fsync, then rename: a crash leaves the old file or the new."""
+    """Write via a temp file in the same folder, fsync, then rename: a crash leaves the old file or the new.
+
+    A failed write (a full disk, no permission) leaves the old file untouched and raises a CifarlabError.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600 files; follow the umask like open() does
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -37,6 +54,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             os.close(dfd)
     except OSError:
         pass
+
+
+def _write_error(path: Path, e: OSError) -> CifarlabError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CifarlabError(f"no disk space left to write {path}; the previous {path.name} (if any) is intact. "
+                             f"Free some space and run again (a training run continues with --resume)")
+    return CifarlabError(f"cannot write {path}: {e.strerror or e}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -61,17 +85,10 @@ def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
     """``NAME.safetensors`` plus ``NAME.json`` (model name, hyperparameters, classes, normalization)."""
     path = Path(path)
-    tensors = state_dict_cpu(model)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", "model": str(meta.get("model", ""))})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Serialize in memory and write with Python's file object: a failed write (ENOSPC) then raises instead of
+    # being dropped silently, and the file goes through the same tmp + fsync + rename as every other file.
+    blob = safetensors_save(state_dict_cpu(model), metadata={"format": "pt", "model": str(meta.get("model", ""))})
+    atomic_write(path, lambda f: f.write(blob))
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
 
 
@@ -110,7 +127,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False; name the refused object instead.
+        hit = re.search(r"(?:unsupported |Unsupported global: )(GLOBAL [\w.]+)", str(e))
+        what = hit.group(1) if hit else "objects other than tensors and plain containers"
+        raise CheckpointError(f"refusing to load {path}: it holds {what}, which could run code; cifarlab loads "
+                              f"only checkpoints it wrote") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError ... for damaged files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"refusing to load {path}: {msg[:300]}") from None
+        raise CheckpointError(f"cannot load {path} (damaged or not a checkpoint): {msg[:300]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a cifarlab checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state

@@ -29,7 +29,7 @@ from ..config import RunConfig
 from ..data import CifarData, load_data
 from ..data.augment import BatchAugment
 from ..data.loader import DeviceBatches, step_seed
-from ..errors import CifarlabError, ConfigError
+from ..errors import CheckpointError, CifarlabError, ConfigError
 from ..models import count_parameters, create_model
 from . import distributed as dist
 from .checkpoint import (atomic_write_text, load_checkpoint, load_into, save_checkpoint, save_weights,
@@ -44,9 +44,15 @@ METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"
 class NonFiniteLoss(CifarlabError):
     """The loss became NaN or infinite (``--nan-policy stop``)."""
 
+    exit_code = 3  # not a usage error (2): the input was valid, the optimization diverged
+
 
 class Interrupted(CifarlabError):
     """SIGINT / SIGTERM: the run stopped after a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for "terminated by signal N": 130, 143
 
 
 @dataclass
@@ -94,7 +100,10 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
     correct = torch.tensor(int(state.partial[1]) if state.step else 0, device=rt.device, dtype=torch.int64)
     seen = torch.tensor(int(state.partial[2]) if state.step else 0, device=rt.device, dtype=torch.int64)
     state.running = (loss_sum, correct, seen)
-    bad = torch.zeros((), device=rt.device, dtype=torch.bool)
+    # First step (1-based) with a non-finite loss, 0 = none: kept on the device, read only at log points and
+    # before any checkpoint (see fit), so no weights from after a bad step are ever written.
+    bad = torch.zeros((), device=rt.device, dtype=torch.int64)
+    state.bad = bad
     bar = tqdm(total=len(batches), initial=state.step, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch",
                leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True)
     for step, x, y in batches.epoch(epoch, start_step=state.step):
@@ -111,7 +120,7 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
             optimizer.zero_grad(set_to_none=True)
             state.skipped_batches += 1
         else:
-            bad |= ~finite
+            bad.masked_fill_((bad == 0) & ~finite, step + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip:
@@ -129,17 +138,14 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
         state.global_step += 1
         state.images_seen += len(y) * dist.world_size()
         if (step + 1) % t.log_every == 0 or step + 1 == len(batches):
-            if t.nan_policy == "stop" and bool(bad):
-                raise NonFiniteLoss(f"non-finite loss in epoch {epoch + 1} at or before step {step + 1}; "
-                                    f"the last good checkpoint is kept")
+            check_finite(state, epoch, t.nan_policy)
             n = max(1, int(seen))
             bar.set_postfix(loss=f"{float(loss_sum) / n:.4f}", acc=f"{int(correct) / n:.3f}", refresh=False)
         bar.update(1)
         if on_step is not None:
             on_step(step + 1)
     bar.close()
-    if t.nan_policy == "stop" and bool(bad):
-        raise NonFiniteLoss(f"non-finite loss in epoch {epoch + 1}; the last good checkpoint is kept")
+    check_finite(state, epoch, t.nan_policy)
     totals = dist.all_reduce_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
     n = max(1.0, float(totals[2]))
     return float(totals[0]) / n, float(totals[1]) / n
@@ -187,21 +193,40 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches_like: D
     return loss, acc, logits
 
 
+def check_finite(state: TrainState, epoch: int, nan_policy: str) -> None:
+    """Raise NonFiniteLoss if a step of this epoch had a non-finite loss (one host sync)."""
+    bad = getattr(state, "bad", None)
+    if nan_policy == "stop" and bad is not None and int(bad):
+        raise NonFiniteLoss(f"non-finite loss in epoch {epoch + 1} at step {int(bad)} (--nan-policy stop); the run "
+                            f"stopped and its last checkpoint, written before that step, is kept")
+
+
 # --------------------------------------------------------------------------- run dir
 def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.model.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def prepare_run_dir(out: str | Path, name: str | None, cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Check the run directory's name; nothing is created or deleted until the run writes (``_open_run_dir``)."""
     run_dir = Path(out) / (name or default_run_name(cfg))
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise CifarlabError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue "
-                                f"it or --overwrite to replace it")
-        for f in run_dir.iterdir():
-            if f.is_file():
-                f.unlink()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CifarlabError(f"run directory {run_dir} exists and is not a folder")
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume and not overwrite:
+        raise CifarlabError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue "
+                            f"it or --overwrite to replace it")
     return run_dir
+
+
+def _open_run_dir(run_dir: Path, clear: bool) -> None:
+    """Create the run directory (or empty it for --overwrite) once data, model and checkpoint are known good."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if clear:
+            for f in run_dir.iterdir():
+                if f.is_file():
+                    f.unlink()
+    except OSError as e:
+        raise CifarlabError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
 
 
 def weights_meta(cfg: RunConfig, data: CifarData, model: nn.Module, epoch: int, val_acc: float) -> dict:
@@ -272,8 +297,6 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     ckpt_state = None
     if resume:
         ckpt_state = load_checkpoint(run_dir / "last.pt")
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: None) if quiet or not dist.is_main() else tqdm.write
     rt = setup_runtime(t, cfg.model.name)
     if dist.world_size() > 1:
@@ -305,20 +328,26 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     state = TrainState()
     if ckpt_state is not None:
         if ckpt_state.get("model_name") != cfg.model.name or ckpt_state.get("num_classes") != data.num_classes:
-            raise CifarlabError(f"{run_dir / 'last.pt'} is from model {ckpt_state.get('model_name')!r} with "
-                                f"{ckpt_state.get('num_classes')} classes, not {cfg.model.name!r} with {data.num_classes}")
-        load_into(model, ckpt_state["model"], str(run_dir / "last.pt"))
-        optimizer.load_state_dict(ckpt_state["optimizer"])
-        scheduler.load_state_dict(ckpt_state["scheduler"])
-        if ema is not None and ckpt_state.get("ema") is not None:
-            load_into(ema.module, ckpt_state["ema"], "EMA weights")
-        state = TrainState(**ckpt_state["train_state"])
-        set_rng_state(ckpt_state["rng"])
+            raise CheckpointError(f"{run_dir / 'last.pt'} is from model {ckpt_state.get('model_name')!r} with "
+                                  f"{ckpt_state.get('num_classes')} classes, not {cfg.model.name!r} with "
+                                  f"{data.num_classes}")
+        try:
+            load_into(model, ckpt_state["model"], str(run_dir / "last.pt"))
+            optimizer.load_state_dict(ckpt_state["optimizer"])
+            scheduler.load_state_dict(ckpt_state["scheduler"])
+            if ema is not None and ckpt_state.get("ema") is not None:
+                load_into(ema.module, ckpt_state["ema"], "EMA weights")
+            state = TrainState(**ckpt_state["train_state"])
+            set_rng_state(ckpt_state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(f"{run_dir / 'last.pt'} does not fit this run or is damaged "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
 
     train_model = maybe_compile(model, t.compile)
     train_model = dist.wrap_ddp(train_model, rt.device)
     if dist.is_main():
+        _open_run_dir(run_dir, clear=overwrite and not resume)
         cfg.save(run_dir / "config.yaml")
         if ckpt_state is None:
             _write_metrics_header(run_dir / "metrics.csv")
@@ -327,6 +356,7 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         f"{f' | {dist.world_size()} processes' if dist.world_size() > 1 else ''}")
 
     def checkpoint() -> None:
+        check_finite(state, state.epoch, t.nan_policy)  # never replace the last good checkpoint with bad weights
         if dist.is_main():
             save_checkpoint(run_dir / "last.pt", {
                 "model": state_dict_cpu(model), "optimizer": optimizer.state_dict(),
@@ -339,7 +369,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         if guard.signum is not None:
             checkpoint()
             raise Interrupted(f"stopped by {signal.Signals(guard.signum).name} in epoch {state.epoch + 1} at step "
-                              f"{step}; checkpoint written. Resume with: cifarlab train --resume {run_dir}")
+                              f"{step}; checkpoint written. Resume with: cifarlab train --resume {run_dir}",
+                              guard.signum)
         if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0 and step < len(train_batches):
             checkpoint()
 
