@@ -111,7 +111,7 @@ def test_source_errors(tmp_path):
 def test_archive_source(tmp_path):
     from cifarlab.data.archive import write_fake_archive
 
-    path = write_fake_archive(tmp_path / "cifar-10-python.tar.gz")
+    path = write_fake_archive(tmp_path / "fake-cifar.tar.gz")  # the official name would be md5-checked
     assert resolve_source(str(path))[0] == "archive"
     data = load_data(DataConfig(path=str(path), train_size=50, val_size=20))
     assert len(data.train_x) == 50 and len(data.val_x) == 20 and data.num_classes == 10

@@ -317,7 +317,8 @@ def load_archive(path: Path | str, verify_md5: bool = False) -> RawData:
             actual = md5sum(path)
             if actual != CIFAR10_MD5:
                 raise DataError(
-                    f"{path}: checksum mismatch: expected md5 {CIFAR10_MD5}, got {actual} (a truncated download or a different file)"
+                    f"{path}: checksum mismatch: expected md5 {CIFAR10_MD5}, got {actual} (a truncated download or a different file; "
+                    f"give an archive of your own another name)"
                 )
         parts = _read_tar_members(path)
     else:

@@ -71,12 +71,15 @@ def load_raw(cfg: DataConfig) -> RawData:
         kind = "archive"
     assert path is not None
     if kind == "archive":
-        from .archive import load_archive
+        from .archive import ARCHIVE_NAME, load_archive
 
         st = path.stat()
         fp = fingerprint([(str(path.resolve()), st.st_size, st.st_mtime_ns)], kind="archive",
                          size=cfg.image_size)
-        raw = cached(path, fp, lambda: load_archive(path))
+        # A file with the official name must be the official file: its md5 (~0.5 s) is checked whenever it is
+        # decoded, i.e. once per new or changed file (a decoded cache hit skips it). Other names are own archives.
+        official = path.is_file() and path.name == ARCHIVE_NAME
+        raw = cached(path, fp, lambda: load_archive(path, verify_md5=official))
         if raw.train_x.shape[1] != cfg.image_size:
             raw = _resize(raw, cfg.image_size)
         return raw
