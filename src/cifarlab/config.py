@@ -278,7 +278,13 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        if not math.isfinite(value):  # a range check alone lets inf through where only a lower bound exists
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return value
     if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")

@@ -8,6 +8,7 @@ result is cached (see :mod:`cifarlab.data.cache`).
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -70,18 +71,24 @@ def fingerprint_entries(files: dict[str, list[tuple[Path, int]]]) -> list[tuple[
 def decode_image(path: str | Path, size: int) -> np.ndarray:
     """Read one image as (size, size, 3) uint8 RGB; raises DataError naming the file."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode != "RGB":
-                if im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on black, like a tensor of zeros
-                    im = im.convert("RGBA")
-                    bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                    im = Image.alpha_composite(bg, im)
-                im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            # A damaged header can claim a huge size (Pillow warns, then refuses at 2x its limit) and a cut-off
+            # TIFF only warns: both are bad files here, not images to decode in part.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.filterwarnings("error", message="Truncated File Read")
+            with Image.open(path) as im:
+                im.load()
+                if im.mode != "RGB":
+                    if im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on black, like zeros
+                        im = im.convert("RGBA")
+                        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                        im = Image.alpha_composite(bg, im)
+                    im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.Resampling.BICUBIC)
+                return np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, UserWarning) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 

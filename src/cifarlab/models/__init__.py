@@ -44,6 +44,9 @@ def validate_model_params(name: str, params: dict[str, Any], image_size: int = 3
             raise ConfigError(f"unknown config key 'model.{key}' for model '{name}'; "
                               f"its keys are: {', '.join(defaults) or '(none)'}")
         out[key] = coerce_like(f"model.{key}", value, defaults[key])
+    if "image_size" in out and out["image_size"] != image_size:  # the model must be built for the data's size
+        raise ConfigError(f"model.image_size={out['image_size']} differs from data.image_size={image_size}; "
+                          f"set data.image_size instead")
     checker = getattr(_get(name), "check_params", None)
     if checker is not None:
         merged = {**defaults, **out}
