@@ -337,6 +337,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
             scheduler.load_state_dict(ckpt_state["scheduler"])
             if ema is not None and ckpt_state.get("ema") is not None:
                 load_into(ema.module, ckpt_state["ema"], "EMA weights")
+                # AveragedModel copies the weights on its first update instead of averaging: restore its count.
+                ema.averaged.n_averaged.fill_(int(ckpt_state.get("ema_updates", 1)))
             state = TrainState(**ckpt_state["train_state"])
             set_rng_state(ckpt_state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
@@ -361,6 +363,7 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
             save_checkpoint(run_dir / "last.pt", {
                 "model": state_dict_cpu(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": state_dict_cpu(ema.module) if ema else None,
+                "ema_updates": int(ema.averaged.n_averaged) if ema else 0,
                 "train_state": _train_state_dict(state), "rng": rng_state(), "model_name": cfg.model.name,
                 "num_classes": data.num_classes, "config": cfg.to_dict()})
         dist.barrier()
