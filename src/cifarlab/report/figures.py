@@ -162,8 +162,6 @@ def reliability_diagram(bins: list[dict[str, Any]], ece: float, title: str, path
     # Unfilled hatched boxes: the gap reads the same whether the bar over- or undershoots the confidence.
     top.bar(centres[has], (gap_hi - gap_lo)[has], width * 0.95, bottom=gap_lo[has], fill=False,
             edgecolor=colour(3), hatch="///", lw=1.0, label="gap to mean confidence")
-    top.plot(centres[has], conf[has], ls="none", marker="_", markersize=14, mew=2.5, color=colour(3),
-             label="mean confidence in bin")
     top.plot([0, 1], [0, 1], "k--", lw=1.2, label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)

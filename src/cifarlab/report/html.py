@@ -51,7 +51,9 @@ def fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         if v != v:
             return "–"
-        return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:,.0f}"
+        if abs(v) >= 100:  # throughput, seconds: decimals would be noise
+            return f"{v:,.1f}"
+        return f"{v:.{digits}f}"
     return str(v)
 
 

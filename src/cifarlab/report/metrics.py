@@ -55,7 +55,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     labels = np.asarray(labels)
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
-    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.searchsorted(edges[1:-1], conf, side="left")  # conf in (lower, upper] -> that bin
     n = len(labels)
     ece = 0.0
     bins = []
@@ -66,7 +67,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
         c = float(conf[m].mean()) if count else None
         if count:
             ece += count / n * abs(acc - c)
-        bins.append({"lower": b / n_bins, "upper": (b + 1) / n_bins, "count": count, "accuracy": acc,
+        bins.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": count, "accuracy": acc,
                      "confidence": c})
     return ece, bins
 

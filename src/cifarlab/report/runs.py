@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-
 from ..config import RunConfig, load_config
 from ..errors import CifarlabError
 
@@ -90,5 +89,18 @@ def load_run(run_dir: str | Path, evaluate_if_missing: bool = True) -> RunFiles:
                     weights_meta=_read_json(run_dir / "best.json"))
 
 
-def config_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def warn(msg: str) -> None:
+    print(f"cifarlab: warning: {msg}", file=sys.stderr)
+
+
+def json_safe(x: Any) -> Any:
+    """NaN / inf become null so the file is strict JSON; numpy scalars become Python numbers."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

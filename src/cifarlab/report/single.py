@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +19,9 @@ from ..train.checkpoint import atomic_write_text
 from . import figures
 from . import html as H
 from .metrics import classification_metrics, confidently_wrong
-from .runs import RunFiles, load_run
+from .runs import RunFiles, json_safe, load_run, warn
 
 WRONG_GRID = 24  # images in the "most confidently wrong" grid (3 rows of 8)
-
-
-def warn(msg: str) -> None:
-    print(f"cifarlab: warning: {msg}", file=sys.stderr)
 
 
 def load_test_images(run: RunFiles, data_path: str | None = None) -> tuple[np.ndarray | None, str | None]:
@@ -122,7 +116,7 @@ def make_report(run_dir: str | Path, *, data_path: str | None = None) -> Path:
         "best_epoch": run.summary.get("best_epoch"), "best_val_acc": run.summary.get("best_val_acc"),
         **m, "most_confidently_wrong": wrong, "figures": [p.name for _, p, _ in figs], "warnings": warnings,
     }
-    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics_json), indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics_json), indent=2))
 
     pc_rows = [(c, v["support"], v["accuracy"], v["precision"], v["recall"], v["f1"], v["auc"])
                for c, v in m["per_class"].items()]
@@ -138,15 +132,3 @@ def make_report(run_dir: str | Path, *, data_path: str | None = None) -> Path:
     atomic_write_text(out / "report.html", page)
     return out / "report.html"
 
-
-def _json_safe(x: Any) -> Any:
-    """NaN / inf become null so the file is strict JSON; numpy scalars become Python numbers."""
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
