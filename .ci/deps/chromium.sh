@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Headless Chromium for tests/test_report.py and tests/test_compare.py: they render the HTML reports.
+# Headless Chromium (and a font for the page's text) for tests/test_report.py and tests/test_compare.py,
+# which render the HTML reports.
 set -euo pipefail
-if command -v chromium >/dev/null 2>&1; then
+if command -v chromium >/dev/null 2>&1 && dpkg -s fonts-dejavu-core >/dev/null 2>&1; then
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends chromium >/dev/null
-chromium --version
+apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+chromium --version 2>/dev/null || true
