@@ -43,8 +43,9 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from None
+        os_error = _os_error_in(e) if isinstance(e, Exception) else None
+        if os_error is not None:
+            raise _write_error(path, os_error) from None
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -54,6 +55,16 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             os.close(dfd)
     except OSError:
         pass
+
+
+def _os_error_in(e: BaseException | None) -> OSError | None:
+    """The OSError behind ``e``: torch.save turns a failed write into a RuntimeError raised while it closes
+    the archive ("unexpected pos"), with the ENOSPC OSError only as its context."""
+    for _ in range(8):
+        if e is None or isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _write_error(path: Path, e: OSError) -> CifarlabError:
@@ -85,8 +96,8 @@ def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
     """``NAME.safetensors`` plus ``NAME.json`` (model name, hyperparameters, classes, normalization)."""
     path = Path(path)
-    # Serialize in memory and write with Python's file object: a failed write (ENOSPC) then raises instead of
-    # being dropped silently, and the file goes through the same tmp + fsync + rename as every other file.
+    # Serialized in memory, then written like every other run file: same temp + fsync + rename, same umask,
+    # same clear error on a full disk.
     blob = safetensors_save(state_dict_cpu(model), metadata={"format": "pt", "model": str(meta.get("model", ""))})
     atomic_write(path, lambda f: f.write(blob))
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
