@@ -221,10 +221,10 @@ def _open_run_dir(run_dir: Path, clear: bool) -> None:
     """Create the run directory (or empty it for --overwrite) once data, model and checkpoint are known good."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if clear:
-            for f in run_dir.iterdir():
-                if f.is_file():
-                    f.unlink()
+        for f in run_dir.iterdir():
+            # Temp files of writes a SIGKILL cut short are garbage: the file they were meant to replace is whole.
+            if f.is_file() and (clear or (f.name.startswith(".") and f.name.endswith(".tmp"))):
+                f.unlink()
     except OSError as e:
         raise CifarlabError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
 
