@@ -99,9 +99,9 @@ def _decode_chunk(args: tuple[list[str], int, bool]) -> tuple[np.ndarray, list[i
     for i, p in enumerate(paths):
         try:
             out[i] = decode_image(p, size)
-        except DataError:
+        except DataError as e:
             if not skip:
-                raise
+                raise DataError(f"{e} (--skip-bad-images skips and counts unreadable images)") from None
             bad.append(i)
     return out, bad
 
