@@ -1,0 +1,202 @@
+"""Kill a training run at any point, resume it, and get the very run that was never interrupted.
+
+The comparison is bit for bit: every batch draws its shuffling, augmentation and
+dropout from generators seeded by (seed, epoch, step), and the checkpoint holds the
+model, optimizer, scheduler, EMA, partial epoch sums and RNG states, so a resumed
+run replays exactly the same float operations on the CPU. Only wall-clock numbers
+(the ``seconds`` column, ``train_seconds``, ``images_per_second``) differ, and the
+bytes of ``best.safetensors``: safetensors writes its metadata map in a random
+order, so its tensors are compared instead of its bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifarlab.cli.main import main
+from cifarlab.train.checkpoint import load_checkpoint
+
+from .conftest import REPO, tiny_overrides
+
+# Dropout (cnn's classifier), the study's augmentation, an EMA and a per-step schedule with warm-up: every piece
+# of state a resume has to restore.
+RESUME_SETTINGS = {"train.epochs": 4, "train.batch_size": 8, "data.augment_p": 0.5, "train.ema": 0.9,
+                   "optim.schedule": "cosine", "optim.warmup_epochs": 0.5, "train.val_every": 1,
+                   "train.log_every": 5}
+
+
+def _sets(data: Path, **extra) -> list[str]:
+    return [x for o in tiny_overrides(data, **{**RESUME_SETTINGS, **extra}) for x in ("--set", o)]
+
+
+def _cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    return e.value.code
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(run / "metrics.csv"))]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run directories hold the same training result, bit for bit, wall-clock numbers aside."""
+    assert _metrics(a) == _metrics(b)
+    wa, wb = load_file(a / "best.safetensors"), load_file(b / "best.safetensors")
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"best.safetensors: {k} differs"
+    assert json.loads((a / "best.json").read_text()) == json.loads((b / "best.json").read_text())
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert ca["ema_updates"] == cb["ema_updates"]
+    for part in ("model", "ema"):
+        assert (ca[part] is None) == (cb[part] is None)
+        if ca[part] is None:
+            continue
+        assert sorted(ca[part]) == sorted(cb[part])
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), f"last.pt {part}: {k} differs"
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sorted(sa) == sorted(sb)
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
+    assert ca["scheduler"] == cb["scheduler"]
+    ta, tb = dict(ca["train_state"]), dict(cb["train_state"])
+    for t in (ta, tb):
+        t.pop("train_seconds")
+        for row in t["history"]:
+            row.pop("seconds")
+    assert ta == tb
+    clock = {"train_seconds", "images_per_second", "run_dir"}
+    sa_, sb_ = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert {k: v for k, v in sa_.items() if k not in clock} == {k: v for k, v in sb_.items() if k not in clock}
+
+
+# --------------------------------------------------------------------------- subprocess: SIGKILL, SIGTERM
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _popen(args: list[str], err: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cifarlab", *args], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=open(err, "w"))
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, last: Path, accept, timeout: float = 240.0) -> dict:
+    """Freeze the process each time last.pt changes; return the (frozen) checkpoint once ``accept`` likes it.
+
+    Frozen with SIGSTOP, the process cannot replace last.pt while it is read, so the state the test checks
+    is exactly the one a kill leaves behind.
+    """
+    seen = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended (rc {proc.returncode}) before the checkpoint the test waits for"
+        stamp = last.stat().st_mtime_ns if last.exists() else None
+        if stamp is not None and stamp != seen:
+            proc.send_signal(signal.SIGSTOP)
+            seen = last.stat().st_mtime_ns
+            state = load_checkpoint(last)
+            if accept(state["train_state"]):
+                return state
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("timed out waiting for a checkpoint")
+
+
+def test_sigkill_then_sigterm_then_resume_matches_an_uninterrupted_run(small_folder, tmp_path):
+    base = ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path), *_sets(small_folder),
+            "--set", "train.num_threads=1", "--checkpoint-every-steps", "4"]
+    # The reference run goes alongside the interrupted one (two cores or more make this test faster).
+    clean = _popen([*base, "--name", "clean"], tmp_path / "clean.err")
+    run = tmp_path / "run"
+    try:
+        # 1. SIGKILL in the middle of the second epoch: no handler runs, only the files on disk survive.
+        proc = _popen([*base, "--name", "run"], tmp_path / "killed.err")
+        killed = _wait_for_checkpoint(proc, run / "last.pt", lambda s: s["epoch"] >= 1 and s["step"] > 0)
+        proc.kill()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert len(_metrics(run)) == killed["train_state"]["epoch"]  # metrics.csv matches the checkpoint
+        (run / ".last.pt.cut-short.tmp").write_bytes(b"PK\x03")  # what a kill in the middle of a write leaves
+
+        # 2. Resume, then SIGTERM: the current step finishes, a checkpoint is written, the exit says how to resume.
+        err = tmp_path / "term.err"
+        proc = _popen(["train", "--resume", str(run)], err)
+        before = killed["train_state"]["global_step"]
+        _wait_for_checkpoint(proc, run / "last.pt", lambda s: s["global_step"] > before)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        lines = err.read_text().strip().splitlines()
+        assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], lines
+        assert f"cifarlab train --resume {run}" in lines[0]
+        termed = load_checkpoint(run / "last.pt")["train_state"]
+        assert termed["global_step"] > before and 0 < termed["step"]
+        assert f"at step {termed['step']};" in lines[0]  # the checkpoint is the step the message names
+
+        # 3. Resume to the end.
+        done = subprocess.run([sys.executable, "-m", "cifarlab", "train", "--resume", str(run)],
+                              env=ENV, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        assert f"resuming {run} at epoch {termed['epoch'] + 1}, step {termed['step']}" in done.stdout
+        assert clean.wait(timeout=240) == 0, (tmp_path / "clean.err").read_text()
+    finally:
+        for p in (clean, proc):
+            if p.poll() is None:
+                p.kill()
+    assert_same_run(run, tmp_path / "clean")
+    assert not list(run.glob(".*.tmp")), "a temporary file of an interrupted write was left behind"
+
+
+# --------------------------------------------------------------------------- in process: SIGINT at a chosen step
+def test_sigint_mid_epoch_then_resume_is_bit_exact(small_folder, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at a known step (raised from inside the loop): exit 130, a checkpoint of that step, exact resume."""
+    import cifarlab.train.loop as loop
+
+    args = ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path),
+            *_sets(small_folder, **{"train.epochs": 3})]
+    assert _cli(*args, "--name", "clean") == 0
+
+    real = loop.step_seed
+
+    def step_seed(seed, epoch, step, *rest):  # called once per training step, before the forward pass
+        if (epoch, step) == (1, 6):
+            signal.raise_signal(signal.SIGINT)
+        return real(seed, epoch, step, *rest)
+
+    monkeypatch.setattr(loop, "step_seed", step_seed)
+    capsys.readouterr()
+    assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
+    err = capsys.readouterr().err.strip().splitlines()
+    run = tmp_path / "run"
+    assert err == [f"cifarlab: error: stopped by SIGINT in epoch 2 at step 7; checkpoint written. "
+                   f"Resume with: cifarlab train --resume {run}"]
+    st = load_checkpoint(run / "last.pt")["train_state"]
+    assert (st["epoch"], st["step"]) == (1, 7)  # the step that was running finished, then the checkpoint
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+    monkeypatch.setattr(loop, "step_seed", real)
+    assert _cli("train", "--resume", str(run)) == 0
+    assert_same_run(run, tmp_path / "clean")
+
+
+def test_resume_of_a_finished_run_changes_nothing(trained_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.name not in ("summary.json", "config.yaml")}
+    assert _cli("train", "--resume", str(run)) == 0
+    after = {f.name: f.read_bytes() for f in run.iterdir() if f.name not in ("summary.json", "config.yaml")}
+    assert after == before
