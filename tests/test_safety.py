@@ -106,8 +106,14 @@ def full_disk(monkeypatch):
     def save(obj, f, *a, **k):
         if armed:
             armed.clear()
-            with open("/dev/full", "wb", buffering=0) as full:
+            full = open("/dev/full", "wb")  # buffered, like the file atomic_write hands to torch.save
+            try:
                 return real_save(obj, full, *a, **k)
+            finally:
+                try:
+                    full.close()
+                except OSError:
+                    pass
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save)
