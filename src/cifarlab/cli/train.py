@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import CifarlabError
+from ..trackers import TRACKER_NAMES
 from .common import add_config_args, config_overrides
 
 
@@ -24,10 +25,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nan-policy", choices=["stop", "skip-batch"], help="what a non-finite loss does")
     p.add_argument("--evaluate", action="store_true", help="evaluate the best weights on the test set at the end")
     p.add_argument("--report", action="store_true", help="evaluate and write the HTML report at the end")
+    p.add_argument("--tracker", action="append", default=[], choices=TRACKER_NAMES,
+                   help="also log to an experiment tracker (repeatable): wandb (offline unless logged in), "
+                        "mlflow (sqlite:///OUT/mlflow.db or $MLFLOW_TRACKING_URI), tensorboard (RUN_DIR/tensorboard)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train import distributed as dist
+    from ..trackers import Trackers
+
+    trackers = Trackers(args.tracker)  # a missing extra fails here, before any training
+    try:
+        with trackers:
+            _run(args, trackers)
+    finally:
+        dist.cleanup()  # under torchrun: every rank leaves the process group
+    return 0
+
+
+def _run(args: argparse.Namespace, trackers) -> None:
+    from ..train import distributed as dist
     from ..train import fit
 
     overrides = config_overrides(args)
@@ -46,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides)
         out, name = Path(args.out), args.name
-    summary = fit(cfg, out, name, resume=bool(args.resume), overwrite=args.overwrite)
+    summary = fit(cfg, out, name, resume=bool(args.resume), overwrite=args.overwrite, trackers=trackers)
+    if not dist.is_main():  # under torchrun, rank 0 alone evaluates and writes the report
+        return
     if args.evaluate or args.report:
         from ..evaluation import evaluate_run, format_table
 
@@ -56,4 +76,3 @@ def run(args: argparse.Namespace) -> int:
         from ..report import make_report
 
         make_report(summary["run_dir"])
-    return 0

@@ -68,6 +68,19 @@ def fingerprint_entries(files: dict[str, list[tuple[Path, int]]]) -> list[tuple[
     return out
 
 
+def to_rgb_array(im: Image.Image, size: int) -> np.ndarray:
+    """A loaded Pillow image of any mode and size as (size, size, 3) uint8 RGB (also used by ``predict``)."""
+    if im.mode != "RGB":
+        if im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on black, like zeros
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
+            im = Image.alpha_composite(bg, im)
+        im = im.convert("RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
 def decode_image(path: str | Path, size: int) -> np.ndarray:
     """Read one image as (size, size, 3) uint8 RGB; raises DataError naming the file."""
     try:
@@ -78,15 +91,7 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
             warnings.filterwarnings("error", message="Truncated File Read")
             with Image.open(path) as im:
                 im.load()
-                if im.mode != "RGB":
-                    if im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on black, like zeros
-                        im = im.convert("RGBA")
-                        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                        im = Image.alpha_composite(bg, im)
-                    im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BICUBIC)
-                return np.asarray(im, dtype=np.uint8)
+                return to_rgb_array(im, size)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning, UserWarning) as e:
         raise DataError(f"cannot read image {path}: {e}") from None

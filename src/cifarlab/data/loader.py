@@ -16,8 +16,10 @@ import torch
 from .augment import BatchAugment
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + step) % (2**63 - 1)
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    # ``rank`` gives each DDP process its own augmentation and dropout draws; rank 0 keeps the
+    # single-process seeds, so a one-process run is unchanged.
+    return (seed * 1_000_003 + epoch * 10_007 + step + rank * 1_000_000_007) % (2**63 - 1)
 
 
 class DeviceBatches:
@@ -52,6 +54,8 @@ class DeviceBatches:
         else:
             perm = torch.arange(len(self.x))
         if self.world_size > 1:  # each rank its own shard of the same permutation
+            # Strided, so that step k's batches of all ranks together are exactly the k-th contiguous
+            # chunk of batch_size * world_size indices: the batch one process of that size would take.
             n = self._per_rank() * self.world_size
             perm = perm[:n][self.rank::self.world_size]
         return perm.to(self.device)
@@ -66,7 +70,7 @@ class DeviceBatches:
             idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
             xb = self.x[idx]
             if self.augment is not None and (self.augment.active or self.augment.cfg.cutout > 0):
-                gen = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, epoch, step))
+                gen = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, epoch, step, self.rank))
                 xb = self.augment(xb.float() / 255.0, idx, epoch, gen)
                 xb = self.augment.post_normalize(xb * 255.0 * self.scale + self.shift, gen)
             else:

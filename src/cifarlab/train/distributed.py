@@ -67,6 +67,31 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def max_over_ranks(value: int | bool | torch.Tensor) -> int:
+    """The largest ``value`` of all ranks, on every rank. Ranks must take the same branch before a
+    collective (a skipped batch, a stop on NaN or on a signal), or the next all-reduce waits forever."""
+    if not is_dist():
+        return int(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
+    t = torch.as_tensor(value, device=device).to(torch.int64).reshape(1)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def any_rank(flag: bool | torch.Tensor) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    return bool(max_over_ranks(flag))
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (anything picklable) on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def lr_scale(rule: str) -> float:
     """Learning-rate multiplier for the global batch (batch_size x world size): Goyal et al., 2017 (linear)."""
     n = world_size()

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from .checkpoint import (atomic_write_text, load_checkpoint, load_into, save_che
 from .ema import ModelEMA
 from .optim import apply_decoupled_wd, build_optimizer, build_scheduler
 from .runtime import Runtime, maybe_compile, setup_runtime
+
+if TYPE_CHECKING:
+    from ..trackers import Tracker
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -108,7 +111,7 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
                leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True)
     for step, x, y in batches.epoch(epoch, start_step=state.step):
         # Dropout and other model randomness replay exactly from (seed, epoch, step): resume is bit-exact.
-        torch.manual_seed(step_seed(t.seed + 1, epoch, step))
+        torch.manual_seed(step_seed(t.seed + 1, epoch, step, dist.rank()))
         target = y
         if mix is not None:
             x, target = mix(x, y, epoch, step)
@@ -116,7 +119,7 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
             logits = model(x)
             loss = soft_cross_entropy(logits.float(), target, t.label_smoothing)
         finite = torch.isfinite(loss)
-        if t.nan_policy == "skip-batch" and not bool(finite):  # a host sync only under this policy
+        if t.nan_policy == "skip-batch" and dist.any_rank(~finite):  # a host sync only under this policy
             optimizer.zero_grad(set_to_none=True)
             state.skipped_batches += 1
         else:
@@ -196,8 +199,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches_like: D
 def check_finite(state: TrainState, epoch: int, nan_policy: str) -> None:
     """Raise NonFiniteLoss if a step of this epoch had a non-finite loss (one host sync)."""
     bad = getattr(state, "bad", None)
-    if nan_policy == "stop" and bad is not None and int(bad):
-        raise NonFiniteLoss(f"non-finite loss in epoch {epoch + 1} at step {int(bad)} (--nan-policy stop); the run "
+    if nan_policy == "stop" and bad is not None and (bad_step := dist.max_over_ranks(bad)):  # all ranks stop
+        raise NonFiniteLoss(f"non-finite loss in epoch {epoch + 1} at step {bad_step} (--nan-policy stop); the run "
                             f"stopped and its last checkpoint, written before that step, is kept")
 
 
@@ -285,15 +288,27 @@ class _SignalGuard:
 # --------------------------------------------------------------------------- fit
 def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *, data: CifarData | None = None,
         resume: bool = False, overwrite: bool = False,
-        on_epoch_end: Callable[[int, dict], None] | None = None, quiet: bool = False) -> dict:
+        on_epoch_end: Callable[[int, dict], None] | None = None, quiet: bool = False,
+        trackers: Iterable[Tracker] | None = None) -> dict:
     """Train a model as configured; returns the run summary (also written to ``summary.json``).
 
     ``on_epoch_end(epoch, row)`` is called after each epoch with the metrics row; it may raise
     (e.g. ``optuna.TrialPruned``) to stop the run after its files are written.
+    ``trackers`` (see :mod:`cifarlab.trackers`) are started with the run and get every epoch's row on
+    rank 0; the caller finishes them (``with Trackers([...]) as trackers: fit(..., trackers=trackers)``).
+    Under ``torchrun`` every rank calls ``fit``; the caller ends with ``distributed.cleanup()``.
     """
     dist.init()
     t = cfg.train
-    run_dir = prepare_run_dir(out_dir, name, cfg, resume, overwrite) if dist.is_main() else Path(out_dir) / (name or "")
+    run_dir, error = None, None
+    if dist.is_main():
+        try:
+            run_dir = prepare_run_dir(out_dir, name, cfg, resume, overwrite)
+        except CifarlabError as e:
+            error = str(e)
+    run_dir, error = dist.broadcast_object((run_dir, error))  # rank 0 picks the (timestamped) name for all
+    if error is not None:
+        raise CifarlabError(error)
     ckpt_state = None
     if resume:
         ckpt_state = load_checkpoint(run_dir / "last.pt")
@@ -340,6 +355,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
                 # AveragedModel copies the weights on its first update instead of averaging: restore its count.
                 ema.averaged.n_averaged.fill_(int(ckpt_state.get("ema_updates", 1)))
             state = TrainState(**ckpt_state["train_state"])
+            if not dist.is_main():  # the saved partial sums cover every rank; rank 0 alone resumes with them
+                state.partial = [0.0, 0.0, 0.0]
             set_rng_state(ckpt_state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise CheckpointError(f"{run_dir / 'last.pt'} does not fit this run or is damaged "
@@ -353,27 +370,36 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         cfg.save(run_dir / "config.yaml")
         if ckpt_state is None:
             _write_metrics_header(run_dir / "metrics.csv")
+        for tracker in trackers or ():
+            tracker.start(run_dir, cfg.to_dict(), resumed=ckpt_state is not None)
     log(f"run {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | {rt.device} {rt.precision}"
         f"{' channels-last' if rt.channels_last else ''} | {len(data.train_x)} train / {len(data.val_x)} val"
         f"{f' | {dist.world_size()} processes' if dist.world_size() > 1 else ''}")
 
     def checkpoint() -> None:
         check_finite(state, state.epoch, t.nan_policy)  # never replace the last good checkpoint with bad weights
+        running = getattr(state, "running", None)
+        if running is not None and state.step and dist.world_size() > 1:  # mid-epoch: sums over all ranks
+            running = tuple(dist.all_reduce_sum(r) for r in running)
         if dist.is_main():
             save_checkpoint(run_dir / "last.pt", {
                 "model": state_dict_cpu(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": state_dict_cpu(ema.module) if ema else None,
                 "ema_updates": int(ema.averaged.n_averaged) if ema else 0,
-                "train_state": _train_state_dict(state), "rng": rng_state(), "model_name": cfg.model.name,
+                "train_state": _train_state_dict(state, running), "rng": rng_state(), "model_name": cfg.model.name,
                 "num_classes": data.num_classes, "config": cfg.to_dict()})
         dist.barrier()
 
     def on_step(step: int) -> None:
-        if guard.signum is not None:
+        stop = guard.signum is not None
+        if dist.world_size() > 1:  # ranks agree where the loop syncs anyway, then stop at the same step
+            stop = (step % t.log_every == 0 or step == len(train_batches)) and dist.any_rank(stop)
+        if stop:
             checkpoint()
-            raise Interrupted(f"stopped by {signal.Signals(guard.signum).name} in epoch {state.epoch + 1} at step "
+            signum = guard.signum or signal.SIGTERM
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} in epoch {state.epoch + 1} at step "
                               f"{step}; checkpoint written. Resume with: cifarlab train --resume {run_dir}",
-                              guard.signum)
+                              signum)
         if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0 and step < len(train_batches):
             checkpoint()
 
@@ -394,14 +420,17 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
             if ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs) and len(data.val_x):
                 val_loss, val_acc = _validate(eval_model, data, train_batches, rt, t)
                 row.update(val_loss=val_loss, val_acc=val_acc)
-                if val_acc > state.best_acc and dist.is_main():
+                if val_acc > state.best_acc:  # val_acc is reduced over ranks: every rank agrees
                     state.best_acc, state.best_epoch = val_acc, epoch + 1
-                    save_weights(run_dir / "best.safetensors", eval_model,
-                                 weights_meta(cfg, data, eval_model, epoch + 1, val_acc))
+                    if dist.is_main():
+                        save_weights(run_dir / "best.safetensors", eval_model,
+                                     weights_meta(cfg, data, eval_model, epoch + 1, val_acc))
             state.epoch, state.step = epoch + 1, 0
             state.history.append(row)
             if dist.is_main():
                 _append_metrics(run_dir / "metrics.csv", row)
+                for tracker in trackers or ():
+                    tracker.log_epoch(row)
             checkpoint()
             log(_epoch_line(row, t.epochs))
             if on_epoch_end is not None:
@@ -427,9 +456,9 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     return summary
 
 
-def _train_state_dict(state: TrainState) -> dict:
+def _train_state_dict(state: TrainState, running: tuple | None = None) -> dict:
     d = dataclasses.asdict(state)
-    running = getattr(state, "running", None)
+    running = running if running is not None else getattr(state, "running", None)
     if state.step and running is not None:
         d["partial"] = [float(running[0]), float(running[1]), float(running[2])]
     else:

@@ -1,0 +1,168 @@
+"""Export a run's best weights for use outside cifarlab: ONNX, TorchScript or safetensors.
+
+ONNX and TorchScript files hold the model *with the run's normalization in front*
+(:class:`Normalized`), so their one input is what any image library gives:
+
+* input ``image``: float32 (N, 3, S, S), RGB, values in [0, 1] (S = the run's image size);
+* output ``logits``: float32 (N, C); softmax gives the probabilities.
+
+The class names, image size and normalization are also written into the ONNX file's
+metadata and into a JSON file beside every export. ONNX goes through PyTorch's
+``torch.export``-based exporter (``dynamo=True``, the default since PyTorch 2.9; it needs
+``onnxscript``), with a dynamic batch dimension. :func:`check_onnx` runs the file with
+onnxruntime and compares its labels with PyTorch's on the same images.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import CifarlabError
+from .predict import Predictor
+from .train.checkpoint import atomic_write_text
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+MIN_AGREEMENT = 0.999  # share of labels ONNX must give as PyTorch does
+
+
+class ExportError(CifarlabError):
+    """An export cannot be written or does not reproduce the PyTorch model."""
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)`` for x in [0, 1]: a self-contained classifier of RGB images."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)  # (N, 3, S, S) -> (N, C)
+
+
+def require(modules: list[str], what: str, extra: str = "onnx") -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"{what} needs {', '.join(missing)}: pip install 'cifarlab[{extra}]'")
+
+
+def sidecar(path: str | Path, fmt: str) -> Path:
+    """The JSON beside an export: ``model.json`` for safetensors (what ``load_weights`` reads), else
+    ``model.onnx.json`` / ``model.pt.json``, so that exports of several formats can share a folder."""
+    path = Path(path)
+    return path.with_suffix(".json") if fmt == "safetensors" else path.with_name(path.name + ".json")
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+    """Write RUN_DIR's best weights as ``fmt`` to ``out`` (default ``RUN_DIR/export/model.<ext>``)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    path = Path(out) if out is not None else run_dir / "export" / f"model{FORMATS[fmt]}"
+    if path.is_dir():
+        path = path / f"model{FORMATS[fmt]}"
+    if fmt == "onnx":
+        require(["onnx", "onnxscript"], "ONNX export")
+    predictor = Predictor.from_run(run_dir, device="cpu")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    {"onnx": export_onnx, "torchscript": export_torchscript, "safetensors": export_safetensors}[fmt](
+        predictor, run_dir, path)
+    return path
+
+
+def _meta(predictor: Predictor, fmt: str) -> dict:
+    m = predictor.meta
+    return {**m, "format": fmt, "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, m["image_size"],
+            m["image_size"]], "range": [0.0, 1.0], "normalized_inside": fmt != "safetensors"},
+            "output": {"name": "logits", "shape": ["N", len(predictor.classes)]}}
+
+
+def _wrapped(predictor: Predictor) -> tuple[nn.Module, torch.Tensor]:
+    model = Normalized(predictor.model, predictor.meta["mean"], predictor.meta["std"]).eval()
+    s = predictor.image_size
+    return model, torch.rand(2, 3, s, s)  # batch 2: a batch of 1 could be specialized as a constant
+
+
+def export_onnx(predictor: Predictor, run_dir: Path, path: Path) -> None:
+    import onnx
+
+    model, example = _wrapped(predictor)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
+            program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"],
+                                        output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
+                                        external_data=False)
+    except Exception as e:  # the exporter raises many types; the model is cifarlab's, so say which
+        raise ExportError(f"ONNX export of {predictor.meta['model']!r} failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    proto = program.model_proto
+    meta = _meta(predictor, "onnx")
+    onnx.helper.set_model_props(proto, {"cifarlab": json.dumps(meta), "classes": json.dumps(predictor.classes)})
+    onnx.save(proto, str(path))
+    atomic_write_text(sidecar(path, "onnx"), json.dumps(meta, indent=2))
+
+
+def export_torchscript(predictor: Predictor, run_dir: Path, path: Path) -> None:
+    model, example = _wrapped(predictor)
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream (torch.export is its successor) but still what many runtimes load.
+        warnings.simplefilter("ignore", FutureWarning)
+        with torch.inference_mode():
+            traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, str(path), _extra_files={"cifarlab.json": json.dumps(_meta(predictor, "torchscript"))})
+    atomic_write_text(sidecar(path, "torchscript"), json.dumps(_meta(predictor, "torchscript"), indent=2))
+
+
+def export_safetensors(predictor: Predictor, run_dir: Path, path: Path) -> None:
+    """The plain state dict (no normalization inside) and its sidecar: loadable by ``cifarlab.load(PATH)``."""
+    src = Path(run_dir) / "best.safetensors"
+    if path.resolve() != src.resolve():
+        shutil.copyfile(src, path)
+    atomic_write_text(sidecar(path, "safetensors"), json.dumps(_meta(predictor, "safetensors"), indent=2))
+
+
+# --------------------------------------------------------------------------- check
+def onnx_logits(path: str | Path, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Run an exported ONNX file with onnxruntime on uint8 images (N, 3, S, S)."""
+    require(["onnxruntime"], "checking an ONNX file")
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()  # respect OMP_NUM_THREADS as PyTorch does
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    out = [sess.run(["logits"], {"image": (images[i:i + batch_size].float() / 255.0).numpy()})[0]
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def check_onnx(path: str | Path, predictor: Predictor, images: torch.Tensor, batch_size: int = 256) -> dict:
+    """Labels and probabilities of ONNX (onnxruntime) against PyTorch on the same uint8 images (N, 3, S, S)."""
+    from .train.loop import predict_logits
+
+    ref = predict_logits(predictor.model, images, predictor.norm, predictor.runtime, batch_size).cpu()
+    got = torch.from_numpy(onnx_logits(path, images, batch_size))
+    agree = (ref.argmax(1) == got.argmax(1)).double().mean().item() if len(images) else float("nan")
+    diff = (ref.softmax(1) - got.softmax(1)).abs().max().item() if len(images) else float("nan")
+    return {"images": len(images), "agreement": agree, "max_prob_diff": diff}
+
+
+def run_test_images(run_dir: str | Path, data_path: str | None = None, limit: int | None = None) -> torch.Tensor:
+    """The test images (uint8, N x 3 x S x S) of the data set the run was trained on."""
+    from .config import load_config
+    from .data import load_data
+
+    cfg = load_config(Path(run_dir) / "config.yaml", [f"data.path={data_path}"] if data_path else [])
+    x = load_data(cfg.data).test_x
+    return x[:limit] if limit else x

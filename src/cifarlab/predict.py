@@ -1,0 +1,180 @@
+"""Prediction on new images with a trained run: ``cifarlab.load(RUN_DIR).predict(images)``.
+
+A :class:`Predictor` is rebuilt from the best weights alone: ``best.safetensors`` and its
+``best.json`` sidecar hold the model name, hyperparameters, classes, normalization and
+image size, so a run directory (or an exported ``.safetensors`` with its ``.json``) is
+enough; the training data is not needed. Every input goes through the same conversion
+as the training images (:func:`cifarlab.data.folder.to_rgb_array`: alpha composited on
+black, grayscale and palette to RGB, bicubic resize to ``image_size``), then the same
+normalization (:meth:`DeviceBatches.normalize`), so a test image scores the same here
+as in ``cifarlab evaluate``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .data.folder import IMAGE_EXTS, decode_image, to_rgb_array
+from .data.loader import DeviceBatches
+from .errors import CifarlabError, DataError
+from .models import create_model, model_defaults
+from .train.checkpoint import load_into, load_weights
+from .train.loop import predict_logits
+from .train.runtime import Runtime, resolve_device
+
+ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W), (H, W, 3|4) or (N, H, W, 3)
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one image, most probable first."""
+
+    source: str  # the file, or "image[i]" for an in-memory image
+    labels: list[str]
+    probs: list[float]
+    indices: list[int]
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+    @property
+    def prob(self) -> float:
+        return self.probs[0]
+
+    def to_dict(self) -> dict:
+        return {"image": self.source,
+                "top_k": [{"label": lab, "prob": p} for lab, p in zip(self.labels, self.probs)]}
+
+
+class Predictor:
+    """A trained model with its preprocessing; see :func:`cifarlab.load`."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device):
+        self.model = model.to(device).eval()
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.image_size = int(meta["image_size"])
+        self.device = device
+        # fp32 and the default memory format: predictions are few, exact probabilities matter more than speed.
+        self.runtime = Runtime(device, "fp32", channels_last=False)
+        self.norm = DeviceBatches(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), 1,
+                                  mean=meta["mean"], std=meta["std"], device=device)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto") -> "Predictor":
+        """Load ``RUN_DIR/best.safetensors`` (or a given ``.safetensors`` file) and its JSON sidecar."""
+        path = Path(run_dir)
+        weights = path if path.suffix == ".safetensors" else path / "best.safetensors"
+        if not path.exists():
+            raise CifarlabError(f"run not found: {path}")
+        if not weights.is_file():
+            raise CifarlabError(f"{path} has no best.safetensors: is it a finished run directory?")
+        tensors, meta = load_weights(weights)
+        missing = [k for k in ("model", "num_classes", "classes", "image_size", "mean", "std") if k not in meta]
+        if missing:
+            raise CifarlabError(f"{weights.with_suffix('.json')} lacks {', '.join(missing)}")
+        params = dict(meta.get("hparams") or {})
+        if "image_size" in model_defaults(meta["model"]) and "image_size" not in params:
+            params["image_size"] = meta["image_size"]
+        model = create_model(meta["model"], int(meta["num_classes"]), **params)
+        load_into(model, tensors, str(weights))
+        return cls(model, meta, resolve_device(device))
+
+    # ----------------------------------------------------------------- inputs
+    def to_uint8(self, image: ImageInput) -> np.ndarray:
+        """One image (path, Pillow image or uint8 array) as (image_size, image_size, 3) uint8 RGB."""
+        if isinstance(image, (str, os.PathLike)):
+            return decode_image(image, self.image_size)
+        if isinstance(image, Image.Image):
+            image.load()
+            return to_rgb_array(image, self.image_size)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                raise DataError(f"image arrays must be uint8 (0..255), got {image.dtype}")
+            if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4)):
+                arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+                return to_rgb_array(Image.fromarray(np.ascontiguousarray(arr)), self.image_size)
+            raise DataError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}")
+        raise DataError(f"cannot predict on a {type(image).__name__}: give file paths, Pillow images or uint8 arrays")
+
+    # ------------------------------------------------------------ prediction
+    def logits(self, images: Sequence[ImageInput], batch_size: int = 256) -> torch.Tensor:
+        """Logits (N, C) in fp32 on the CPU for a list of images."""
+        out = [self._logits_batch(list(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, len(self.classes))
+
+    def _logits_batch(self, images: list[ImageInput]) -> torch.Tensor:
+        x = torch.from_numpy(np.stack([self.to_uint8(im) for im in images])).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        return predict_logits(self.model, x, self.norm, self.runtime, len(images)).cpu()
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 3, batch_size: int = 256,
+                progress: bool | None = None) -> Prediction | list[Prediction]:
+        """Top-k classes and probabilities.
+
+        ``images``: one image (a file path, a Pillow image, a uint8 array) gives one :class:`Prediction`;
+        a list of them, a folder (searched recursively) or a (N, H, W, 3) uint8 array gives a list.
+        """
+        single = _is_single(images)
+        items = expand_inputs([images] if single or isinstance(images, (str, os.PathLike)) else images)
+        preds = list(self.iter_predict(items, top_k, batch_size, progress))
+        return preds[0] if single else preds
+
+    def iter_predict(self, items: Sequence[ImageInput], top_k: int = 3, batch_size: int = 256,
+                     progress: bool | None = None) -> Iterator[Prediction]:
+        """Predict in batches of ``batch_size``; a progress bar (stderr) when there is more than one batch."""
+        if top_k < 1:
+            raise CifarlabError(f"top_k must be >= 1, got {top_k}")
+        k = min(top_k, len(self.classes))
+        show = len(items) > batch_size if progress is None else progress
+        bar = tqdm(total=len(items), unit="img", desc="predict", disable=not show, leave=False)
+        for start in range(0, len(items), batch_size):
+            chunk = list(items[start:start + batch_size])
+            probs = torch.softmax(self._logits_batch(chunk), dim=1)
+            top = probs.topk(k, dim=1)
+            for i, im in enumerate(chunk):
+                idx = top.indices[i].tolist()
+                yield Prediction(source=str(im) if isinstance(im, (str, os.PathLike)) else f"image[{start + i}]",
+                                 labels=[self.classes[j] for j in idx], probs=top.values[i].tolist(), indices=idx)
+            bar.update(len(chunk))
+        bar.close()
+
+
+def _is_single(images: Any) -> bool:
+    if isinstance(images, Image.Image):
+        return True
+    if isinstance(images, np.ndarray):
+        return images.ndim == 2 or (images.ndim == 3 and images.shape[2] in (1, 3, 4))
+    if isinstance(images, (str, os.PathLike)):
+        return not Path(images).is_dir()
+    return False
+
+
+def expand_inputs(items: Sequence[ImageInput]) -> list[ImageInput]:
+    """Folders become their image files (recursively, sorted); a (N, H, W, C) array becomes N images."""
+    out: list[ImageInput] = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            p = Path(item)
+            if p.is_dir():
+                files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+                if not files:
+                    raise DataError(f"no images in folder {p}")
+                out += files
+            elif not p.exists():
+                raise DataError(f"image not found: {p}")
+            else:
+                out.append(p)
+        elif isinstance(item, np.ndarray) and item.ndim == 4:
+            out += list(item)
+        else:
+            out.append(item)
+    return out
