@@ -107,6 +107,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, last: Path, accept, timeout: fl
         stamp = last.stat().st_mtime_ns if last.exists() else None
         if stamp is not None and stamp != seen:
             proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.02)  # delivery is asynchronous: let the stop take hold before reading
             seen = last.stat().st_mtime_ns
             state = load_checkpoint(last)
             if accept(state["train_state"]):
