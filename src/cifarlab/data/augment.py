@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig
+from .trivial_augment import trivial_augment_wide
 
 
 def study_affine(n: int, cfg: DataConfig, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -91,7 +92,7 @@ class BatchAugment:
     @property
     def active(self) -> bool:
         c = self.cfg
-        return c.augment_p > 0 or c.flip != "none" or c.translate > 0
+        return c.augment_p > 0 or c.flip != "none" or c.translate > 0 or c.trivial_augment
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, epoch: int, gen: torch.Generator) -> torch.Tensor:
         c = self.cfg
@@ -105,6 +106,8 @@ class BatchAugment:
             x = torch.where(m[:, None, None, None], x.flip(3), x)
         if c.translate > 0:
             x = translate(x, c.translate, gen)
+        if c.trivial_augment:  # after crop and flip, as in torchvision's CIFAR recipes
+            x = trivial_augment_wide(x, gen)
         return x
 
     def post_normalize(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -332,6 +332,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
                                   rank=dist.rank(), world_size=dist.world_size())
     if len(train_batches) == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} leaves no batch for {len(data.train_x)} images per process")
+    if ckpt_state is None and hasattr(model, "init_whitening"):  # data-dependent init (speednet); resume loads it
+        model.init_whitening(train_batches.normalize(data.train_x[:5000].to(rt.device)))
     lr = cfg.optim.lr * dist.lr_scale(cfg.optim.lr_scale_rule)
     optimizer = build_optimizer(model, cfg.optim, lr)
     scheduler, per_step = build_scheduler(optimizer, cfg.optim, t.epochs, len(train_batches))

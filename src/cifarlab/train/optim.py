@@ -11,7 +11,13 @@ from ..config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norm parameters and embeddings (1-D or token tensors), as in timm / nanoGPT."""
+    """No weight decay on biases, norm parameters and embeddings (1-D or token tensors), as in timm / nanoGPT.
+
+    A model with its own ``param_groups(weight_decay)`` method (speednet) defines its groups; a group's
+    optional ``lr_scale`` multiplies the learning rate (see build_optimizer)."""
+    own = getattr(model, "param_groups", None)
+    if callable(own):
+        return own(weight_decay)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -23,6 +29,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
     lr = cfg.lr if lr is None else lr
     groups = param_groups(model, cfg.weight_decay)
+    for g in groups:
+        g["lr"] = lr * g.pop("lr_scale", 1.0)
     if cfg.name == "sgd":
         # Decoupled weight decay for SGD: torch's SGD couples it to the gradient, so we scale it by lr
         # inside the step instead (see apply_decoupled_wd); here it is off.

@@ -1,0 +1,194 @@
+"""Time to accuracy: train a config and report when the test accuracy first reached each mark.
+
+    python benchmarks/time_to_accuracy.py CONFIG [--target 0.94] [--budget-minutes M] [--seeds N]
+                                          [--data PATH] [--set section.key=value ...]
+
+Trains with ``cifarlab.train.fit`` on the config's split (the configs use the study's 40k/10k split)
+and, after each epoch, scores the TEST set with that epoch's evaluation weights (the EMA when
+``train.ema`` is on) and the configured test-time augmentation. The training clock is fit's own
+per-epoch time (the ``seconds`` column of metrics.csv): test evaluation, checkpoint writing and
+set-up (data loading, model build, whitening init) are outside it; evaluation is reported apart.
+fit's validation runs only after the last epoch here, so that it costs no time in between.
+
+Printed: one line per epoch, the training minutes at which the study's accuracies (0.73, 0.77,
+0.78) and the target were first reached, the final test accuracy, and as the last line JSON:
+{"config": PATH, "minutes_to": {"0.73": M_OR_NULL, "0.77": ..., "0.78": ..., "target": ...},
+ "target": T, "final_test_acc": A, "train_minutes": M, "eval_minutes": M}
+With ``--seeds N`` (seeds train.seed, +1, ...) the values are means over the seeds, a mark's time
+is null unless every seed reached it, and the JSON adds per-seed values and standard deviations.
+
+As in airbench (Jordan, 2024), results are reported over seeds as mean and spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cifarlab.config import RunConfig, load_config
+from cifarlab.data import CifarData, load_data
+from cifarlab.data.loader import DeviceBatches
+from cifarlab.errors import CifarlabError
+from cifarlab.train import build_model, evaluate, fit
+from cifarlab.train.checkpoint import load_checkpoint, load_into
+from cifarlab.train.runtime import setup_runtime
+
+STUDY_MARKS = (0.73, 0.77, 0.78)  # the study's ViT, CNN and ResNet18 test accuracies
+
+
+class BudgetExceeded(Exception):
+    """Raised from fit's epoch callback to stop training once the time budget is spent."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="run config YAML, e.g. configs/speedrun.yaml")
+    p.add_argument("--target", type=float, default=0.94, help="test accuracy to time (default 0.94)")
+    p.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="stop training at the first epoch end past M minutes of training")
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="runs with seeds train.seed .. +N-1")
+    p.add_argument("--data", metavar="PATH", help="data path (short for --set data.path=PATH)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override (repeatable)")
+    p.add_argument("--eval-every", type=int, default=1, metavar="K",
+                   help="score the test set every K epochs (and after the last); default 1")
+    p.add_argument("--out", metavar="DIR", help="keep the run directories here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    if not 0 < args.target <= 1:
+        p.error("--target must be in (0, 1]")
+    if args.seeds < 1 or args.eval_every < 1:
+        p.error("--seeds and --eval-every must be >= 1")
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
+        p.error("--budget-minutes must be > 0")
+    return args
+
+
+def first_reached(curve: list[tuple[int, float, float]], mark: float) -> float | None:
+    """Training minutes of the first (epoch, minutes, acc) point with acc >= mark, else None."""
+    return next((minutes for _, minutes, acc in curve if acc >= mark), None)
+
+
+def eval_weights(run_dir: Path, cfg: RunConfig, num_classes: int) -> torch.nn.Module:
+    """The epoch's evaluation weights from the checkpoint fit has just written: the EMA when on."""
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    model = build_model(cfg, num_classes)
+    load_into(model, ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"], str(run_dir / "last.pt"))
+    return model
+
+
+def run_once(cfg: RunConfig, data: CifarData, out_dir: Path, name: str, target: float,
+             budget_minutes: float | None, eval_every: int, log: Callable[[str], None] = print) -> dict:
+    """Train once; returns the accuracy curve, the marks' minutes and the clocks."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.val_every = cfg.train.epochs  # validate only at the end: nothing but training between test scores
+    rt = setup_runtime(cfg.train, cfg.model.name)
+    norm = DeviceBatches(data.test_x[:0], data.test_y[:0], 1, mean=data.mean, std=data.std, device=rt.device)
+    run_dir = out_dir / name
+    clock = {"train": 0.0, "eval": 0.0}
+    curve: list[tuple[int, float, float]] = []
+
+    def on_epoch_end(epoch: int, row: dict) -> None:
+        clock["train"] += float(row["seconds"])
+        over = budget_minutes is not None and clock["train"] / 60 >= budget_minutes
+        if epoch % eval_every == 0 or epoch == cfg.train.epochs or over:
+            t0 = time.perf_counter()
+            model = eval_weights(run_dir, cfg, data.num_classes).to(rt.device)
+            if rt.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            _, acc, _ = evaluate(model, data.test_x, data.test_y, norm, rt, cfg.train.eval_batch_size, cfg.train.tta)
+            seconds = time.perf_counter() - t0
+            clock["eval"] += seconds
+            curve.append((epoch, clock["train"] / 60, acc))
+            log(f"epoch {epoch:>3}/{cfg.train.epochs} | train {clock['train'] / 60:7.2f} min | "
+                f"train loss {row['train_loss']:.4f} | test acc {acc:.4f} (tta {cfg.train.tta}) | eval {seconds:.0f} s")
+        if over:
+            raise BudgetExceeded
+
+    t0 = time.perf_counter()
+    stopped = False
+    try:
+        fit(cfg, out_dir, name, data=data, on_epoch_end=on_epoch_end, quiet=True, overwrite=True)
+    except BudgetExceeded:
+        stopped = True
+        log(f"budget of {budget_minutes} training minutes spent: stopped after epoch {curve[-1][0]}")
+    wall = time.perf_counter() - t0
+    marks = {f"{m:.2f}": first_reached(curve, m) for m in STUDY_MARKS}
+    marks["target"] = first_reached(curve, target)
+    return {"minutes_to": marks, "final_test_acc": curve[-1][2], "train_minutes": clock["train"] / 60,
+            "eval_minutes": clock["eval"] / 60, "other_minutes": (wall - clock["train"] - clock["eval"]) / 60,
+            "curve": curve, "stopped_by_budget": stopped}
+
+
+def summarize(config: str, target: float, runs: list[dict]) -> dict:
+    """The JSON line: the spec's keys; over several seeds, means plus per-seed values and spreads."""
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    def rnd(x):
+        return None if x is None else round(x, 4)
+
+    keys = list(runs[0]["minutes_to"])
+    minutes_to = {}
+    for k in keys:
+        vals = [r["minutes_to"][k] for r in runs]
+        minutes_to[k] = rnd(mean(vals)) if all(v is not None for v in vals) else None
+    out = {"config": config, "minutes_to": minutes_to, "target": target,
+           "final_test_acc": rnd(mean([r["final_test_acc"] for r in runs])),
+           "train_minutes": rnd(mean([r["train_minutes"] for r in runs])),
+           "eval_minutes": rnd(mean([r["eval_minutes"] for r in runs]))}
+    if len(runs) > 1:
+        accs = [r["final_test_acc"] for r in runs]
+        out["seeds"] = len(runs)
+        out["final_test_acc_std"] = rnd(statistics.stdev(accs))
+        out["final_test_accs"] = [rnd(a) for a in accs]
+        out["minutes_to_per_seed"] = {k: [rnd(r["minutes_to"][k]) for r in runs] for k in keys}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+    cfg = load_config(args.config, overrides)
+    data = load_data(cfg.data)
+    print(f"{args.config}: {cfg.model.name}, {len(data.train_x)} train images, {len(data.test_x)} test images, "
+          f"{cfg.train.epochs} epochs, tta {cfg.train.tta}, torch threads {torch.get_num_threads()}", flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
+        out_dir = Path(args.out) if args.out else Path(tmp)
+        for i in range(args.seeds):
+            seed_cfg = copy.deepcopy(cfg)
+            seed_cfg.train.seed = cfg.train.seed + i
+            if args.seeds > 1:
+                print(f"--- seed {seed_cfg.train.seed}", flush=True)
+            res = run_once(seed_cfg, data, out_dir, f"{Path(args.config).stem}-seed{seed_cfg.train.seed}",
+                           args.target, args.budget_minutes, args.eval_every, log=lambda s: print(s, flush=True))
+            for k, v in res["minutes_to"].items():
+                label = f"target {args.target}" if k == "target" else k
+                print(f"  minutes to {label}: {'not reached' if v is None else f'{v:.2f}'}")
+            print(f"  final test acc {res['final_test_acc']:.4f} | train {res['train_minutes']:.2f} min | "
+                  f"eval {res['eval_minutes']:.2f} min | other (set-up, checkpoints, validation) "
+                  f"{res['other_minutes']:.2f} min", flush=True)
+            runs.append(res)
+    summary = summarize(args.config, args.target, runs)
+    if args.seeds > 1:
+        print(f"mean final test acc {summary['final_test_acc']:.4f} +/- {summary['final_test_acc_std']:.4f} "
+              f"over {args.seeds} seeds")
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CifarlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
