@@ -300,15 +300,15 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     """
     dist.init()
     t = cfg.train
-    run_dir, error = None, None
+    run_dir, error, exc = None, None, None
     if dist.is_main():
         try:
             run_dir = prepare_run_dir(out_dir, name, cfg, resume, overwrite)
         except CifarlabError as e:
-            error = str(e)
+            error, exc = str(e), e
     run_dir, error = dist.broadcast_object((run_dir, error))  # rank 0 picks the (timestamped) name for all
     if error is not None:
-        raise CifarlabError(error)
+        raise exc or CifarlabError(error)
     ckpt_state = None
     if resume:
         ckpt_state = load_checkpoint(run_dir / "last.pt")
