@@ -1,0 +1,180 @@
+"""SpeedNet (airbench-style): forward/backward, patch-whitening init, BN settings, its place in fit,
+and the time-to-accuracy benchmark end to end on a tiny run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifarlab.config import load_config
+from cifarlab.errors import ConfigError
+from cifarlab.models import create_model, list_models
+from cifarlab.train.checkpoint import load_weights
+
+from .conftest import REPO, tiny_overrides
+
+NARROW = {"widths": [8, 16, 16]}
+
+
+def smooth_images(n=64, seed=0) -> torch.Tensor:
+    """Images with strongly correlated neighbouring pixels and channels, like natural images."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.avg_pool2d(torch.randn(n, 1, 36, 36, generator=g), 5, stride=1)  # (n, 1, 32, 32), smooth
+    color = torch.randn(n, 3, 32, 32, generator=g) * 0.2
+    return base.expand(n, 3, 32, 32) * torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1) + color
+
+
+def stem_outputs(model, x) -> torch.Tensor:
+    """The whitening conv's outputs (before bias), one row per patch position."""
+    out = F.conv2d(x, model.whiten.weight)
+    return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).double()
+
+
+def test_registered_with_the_other_families():
+    assert "speednet" in list_models()
+
+
+def test_forward_backward_on_cpu():
+    torch.manual_seed(0)
+    model = create_model("speednet", 10)  # default widths 64/256/256
+    x = torch.randn(4, 3, 32, 32)
+    model.init_whitening(x)
+    logits = model(x)
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    assert model.whiten.weight.grad is None  # frozen stem
+    assert model.whiten.bias.grad is not None
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.97e6, rel=0.02)  # airbench94: ~2M
+
+
+def test_whitening_init_whitens_the_patches_of_the_init_data():
+    x = smooth_images()
+    model = create_model("speednet", 10, **NARROW)
+    raw = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    raw_cov = raw.T @ raw / len(raw)
+    assert (raw_cov - torch.eye(12, dtype=torch.float64)).abs().max() > 0.5  # far from white before
+
+    model.init_whitening(x, eps=1e-10)
+    f = stem_outputs(model, x)
+    cov = f.T @ f / len(f)
+    white = cov[:12, :12]
+    assert torch.allclose(white, torch.eye(12, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(cov[12:, 12:], white, atol=1e-9)  # the second half is the negated first
+    assert torch.allclose(model.whiten.weight[12:], -model.whiten.weight[:12])
+
+
+def test_whitening_eps_damps_weak_directions_as_documented():
+    """With eps, output variance along eigenvector i is lambda_i / (lambda_i + eps)."""
+    x = smooth_images(seed=1)
+    model = create_model("speednet", 10, **NARROW)
+    eps = 5e-2
+    model.init_whitening(x, eps=eps)
+    patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    lam = torch.linalg.eigvalsh(patches.T @ patches / len(patches)).flip(0)
+    f = stem_outputs(model, x)[:, :12]
+    var = (f * f).mean(0)
+    assert torch.allclose(var, lam / (lam + eps), atol=1e-4)
+
+
+def test_whitening_from_uint8_normalizes_first():
+    u8 = (smooth_images() * 40 + 128).clamp(0, 255).to(torch.uint8)
+    a = create_model("speednet", 10, **NARROW)
+    b = create_model("speednet", 10, **NARROW)
+    a.init_whitening(u8)
+    x = u8.float() / 255
+    b.init_whitening((x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True))
+    assert torch.allclose(a.whiten.weight, b.whiten.weight, atol=1e-4)
+
+
+def test_batchnorm_settings_and_dirac_init():
+    model = create_model("speednet", 10, **NARROW, bn_momentum=0.2)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 6
+    for bn in bns:
+        assert bn.eps == 1e-12 and bn.momentum == 0.2
+        assert not bn.weight.requires_grad and bn.bias.requires_grad
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+    conv = model.blocks[0].conv1  # 24 -> 8 channels: the first 8 filters are the identity on channels 0..7
+    eye = torch.zeros_like(conv.weight)
+    torch.nn.init.dirac_(eye)
+    assert torch.equal(conv.weight, eye)
+    conv2 = model.blocks[1].conv2  # 16 -> 16
+    x = torch.randn(1, 16, 5, 5)
+    assert torch.allclose(conv2(x), x, atol=1e-6)
+
+
+def test_bad_hyperparameters_are_config_errors():
+    with pytest.raises(ConfigError, match="model.widths"):
+        create_model("speednet", 10, widths=[8, 16])
+    with pytest.raises(ConfigError, match="bn_momentum"):
+        create_model("speednet", 10, bn_momentum=0.0)
+    with pytest.raises(ConfigError, match="unknown config key 'model.hidden'"):
+        create_model("speednet", 10, hidden=3)
+
+
+def test_fit_initialises_the_whitening_from_the_training_split(small_folder, tmp_path):
+    from cifarlab.data import load_data
+    from cifarlab.data.loader import DeviceBatches
+    from cifarlab.train import fit
+
+    cfg = load_config(REPO / "configs" / "speedrun.yaml", tiny_overrides(
+        small_folder, **{"model.hidden": None, "model.widths": "[8, 16, 16]", "train.epochs": 1,
+                         "train.batch_size": 128, "optim.warmup_epochs": 0.2, "train.val_every": 1}))
+    data = load_data(cfg.data)
+    summary = fit(cfg, tmp_path, "sn", data=data, quiet=True)
+    tensors, meta = load_weights(Path(summary["run_dir"]) / "best.safetensors")
+    assert meta["model"] == "speednet"
+    ref = create_model("speednet", 10, **NARROW)
+    norm = DeviceBatches(data.train_x[:0], data.train_y[:0], 1, mean=data.mean, std=data.std, device="cpu")
+    ref.init_whitening(norm.normalize(data.train_x[:5000]))
+    assert torch.allclose(tensors["whiten.weight"].float(), ref.whiten.weight, atol=1e-5)
+
+
+def _load_benchmark():
+    path = REPO / "benchmarks" / "time_to_accuracy.py"
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_time_to_accuracy_end_to_end(small_folder, capsys):
+    bench = _load_benchmark()
+    over = tiny_overrides(small_folder, **{"model.hidden": None, "model.widths": "[8, 16, 16]", "train.epochs": 2,
+                                          "train.batch_size": 128, "optim.warmup_epochs": 0.4})
+    argv = [str(REPO / "configs" / "speedrun.yaml"), "--target", "0.05"] + [a for o in over for a in ("--set", o)]
+    summary = bench.main(argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == summary
+    assert list(summary) == ["config", "minutes_to", "target", "final_test_acc", "train_minutes", "eval_minutes"]
+    assert list(summary["minutes_to"]) == ["0.73", "0.77", "0.78", "target"]
+    assert summary["target"] == 0.05 and 0.0 <= summary["final_test_acc"] <= 1.0
+    # a 5% target is reached at the first scored epoch: its time is that epoch's training time
+    assert summary["minutes_to"]["target"] is not None
+    assert 0 < summary["minutes_to"]["target"] <= summary["train_minutes"]
+    assert sum(1 for line in lines if line.startswith("epoch ")) == 2
+    assert summary["eval_minutes"] > 0
+
+
+def test_time_to_accuracy_marks_and_seed_summary():
+    bench = _load_benchmark()
+    curve = [(1, 0.5, 0.70), (2, 1.0, 0.775), (3, 1.5, 0.79)]
+    assert bench.first_reached(curve, 0.73) == 1.0
+    assert bench.first_reached(curve, 0.78) == 1.5
+    assert bench.first_reached(curve, 0.9) is None
+    runs = [{"minutes_to": {"0.73": 1.0, "target": None}, "final_test_acc": 0.8, "train_minutes": 2.0,
+             "eval_minutes": 1.0},
+            {"minutes_to": {"0.73": 2.0, "target": 3.0}, "final_test_acc": 0.9, "train_minutes": 4.0,
+             "eval_minutes": 1.0}]
+    s = bench.summarize("c.yaml", 0.94, runs)
+    assert s["minutes_to"] == {"0.73": 1.5, "target": None}  # null unless every seed reached it
+    assert s["final_test_acc"] == pytest.approx(0.85) and s["final_test_acc_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert s["seeds"] == 2 and s["minutes_to_per_seed"]["target"] == [None, 3.0]
