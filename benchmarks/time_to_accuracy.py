@@ -2,6 +2,7 @@
 
     python benchmarks/time_to_accuracy.py CONFIG [--target 0.94] [--budget-minutes M] [--seeds N]
                                           [--data PATH] [--set section.key=value ...]
+    python benchmarks/time_to_accuracy.py CONFIG --probe STEPS    # throughput only, synthetic data
 
 Trains with ``cifarlab.train.fit`` on the config's split (the configs use the study's 40k/10k split)
 and, after each epoch, scores the TEST set with that epoch's evaluation weights (the EMA when
@@ -18,6 +19,11 @@ With ``--seeds N`` (seeds train.seed, +1, ...) the values are means over the see
 is null unless every seed reached it, and the JSON adds per-seed values and standard deviations.
 
 As in airbench (Jordan, 2024), results are reported over seeds as mean and spread.
+
+``--probe STEPS`` sizes a recipe without data: it times STEPS training steps (after one warm-up step)
+of the configured model, augmentation and optimizer on random images, and one test-time-augmented
+forward pass of 1000 images, in wall and process CPU time, and prints the estimated minutes per
+40k-image epoch and for the configured epochs. CPU time is the figure that survives a busy machine.
 """
 
 from __future__ import annotations
@@ -62,11 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1, metavar="K",
                    help="score the test set every K epochs (and after the last); default 1")
     p.add_argument("--out", metavar="DIR", help="keep the run directories here (default: a temporary folder)")
+    p.add_argument("--probe", type=int, default=0, metavar="STEPS",
+                   help="only time STEPS training steps on synthetic data and estimate the run's minutes")
     args = p.parse_args(argv)
     if not 0 < args.target <= 1:
         p.error("--target must be in (0, 1]")
     if args.seeds < 1 or args.eval_every < 1:
         p.error("--seeds and --eval-every must be >= 1")
+    if args.probe < 0:
+        p.error("--probe must be >= 1 (steps)")
     if args.budget_minutes is not None and args.budget_minutes <= 0:
         p.error("--budget-minutes must be > 0")
     return args
@@ -154,10 +164,77 @@ def summarize(config: str, target: float, runs: list[dict]) -> dict:
     return out
 
 
+def probe(cfg: RunConfig, steps: int, n_train: int = 40000, n_test: int = 10000) -> dict:
+    """Time ``steps`` training steps and one TTA evaluation on random uint8 images (no data set needed)."""
+    from cifarlab.data.augment import BatchAugment
+    from cifarlab.train.loop import soft_cross_entropy, tta_logits
+    from cifarlab.train.optim import apply_decoupled_wd, build_optimizer, build_scheduler
+
+    t = cfg.train
+    rt = setup_runtime(t, cfg.model.name)
+    n = t.batch_size * (steps + 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    model = build_model(cfg, 10).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batches = DeviceBatches(x, y, t.batch_size, mean=[0.5] * 3, std=[0.25] * 3, device=rt.device, shuffle=True,
+                            drop_last=True, augment=BatchAugment(cfg.data, n, t.seed), channels_last=rt.channels_last)
+    if hasattr(model, "init_whitening"):
+        model.init_whitening(batches.normalize(x[:1000].to(rt.device)))
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler, _ = build_scheduler(optimizer, cfg.optim, 1, len(batches))
+    model.train()
+    for step, xb, yb in batches.epoch(0):  # batch preparation (augmentation) is timed too, as in fit
+        if step == 1:
+            w0, c0 = time.perf_counter(), time.process_time()
+        with rt.autocast():
+            loss = soft_cross_entropy(model(xb).float(), yb, t.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        apply_decoupled_wd(optimizer)
+        optimizer.step()
+        scheduler.step()
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    images = steps * t.batch_size
+    model.eval()
+    xe = batches.normalize(x[:1000].to(rt.device))
+    if rt.channels_last:
+        xe = xe.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), rt.autocast():
+        tta_logits(model, xe[:100], t.tta)  # warm-up (kernel selection for the new shapes)
+        e0, ec0 = time.perf_counter(), time.process_time()
+        tta_logits(model, xe, t.tta)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        ewall, ecpu = time.perf_counter() - e0, time.process_time() - ec0
+    epoch_min = n_train * wall / images / 60
+    return {"threads": torch.get_num_threads(), "precision": rt.precision, "batch_size": t.batch_size,
+            "train_ms_per_image": 1e3 * wall / images, "train_cpu_ms_per_image": 1e3 * cpu / images,
+            "images_per_second": images / wall, "minutes_per_epoch": epoch_min,
+            "cpu_minutes_per_epoch": n_train * cpu / images / 60, "run_minutes": epoch_min * t.epochs,
+            "eval_minutes_per_epoch": n_test * ewall / 1000 / 60,
+            "eval_cpu_minutes_per_epoch": n_test * ecpu / 1000 / 60}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
+    if args.probe:
+        res = probe(cfg, args.probe)
+        print(f"{args.config}: {cfg.model.name}, {res['precision']}, batch {res['batch_size']}, "
+              f"{res['threads']} thread(s): {res['images_per_second']:.0f} images/s "
+              f"({res['train_ms_per_image']:.2f} ms, {res['train_cpu_ms_per_image']:.2f} CPU-ms per image) | "
+              f"40k epoch {res['minutes_per_epoch']:.2f} min ({res['cpu_minutes_per_epoch']:.2f} CPU-min) | "
+              f"{cfg.train.epochs} epochs {res['run_minutes']:.1f} min | test eval (tta {cfg.train.tta}) "
+              f"{res['eval_minutes_per_epoch']:.2f} min ({res['eval_cpu_minutes_per_epoch']:.2f} CPU-min) per epoch")
+        res = {"config": args.config, **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}}
+        print(json.dumps(res), flush=True)
+        return res
     data = load_data(cfg.data)
     print(f"{args.config}: {cfg.model.name}, {len(data.train_x)} train images, {len(data.test_x)} test images, "
           f"{cfg.train.epochs} epochs, tta {cfg.train.tta}, torch threads {torch.get_num_threads()}", flush=True)

@@ -178,3 +178,12 @@ def test_time_to_accuracy_marks_and_seed_summary():
     assert s["minutes_to"] == {"0.73": 1.5, "target": None}  # null unless every seed reached it
     assert s["final_test_acc"] == pytest.approx(0.85) and s["final_test_acc_std"] == pytest.approx(0.0707, abs=1e-4)
     assert s["seeds"] == 2 and s["minutes_to_per_seed"]["target"] == [None, 3.0]
+
+
+def test_time_to_accuracy_probe_needs_no_data():
+    bench = _load_benchmark()
+    res = bench.main([str(REPO / "configs" / "speedrun.yaml"), "--probe", "2", "--set", "model.widths=[8, 16, 16]",
+                      "--set", "train.batch_size=32", "--set", "train.precision=fp32", "--set", "train.device=cpu"])
+    assert res["batch_size"] == 32 and res["images_per_second"] > 0
+    assert res["run_minutes"] == pytest.approx(res["minutes_per_epoch"] * 14, rel=1e-3)  # speedrun: 14 epochs
+    assert res["eval_minutes_per_epoch"] > 0 and res["train_cpu_ms_per_image"] > 0
