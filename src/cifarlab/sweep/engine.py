@@ -425,13 +425,7 @@ class Objective:
 
         run, spec = self.run, self.run.spec
         self.current = trial.number
-        ahead = sum(1 for t in self.study.get_trials(deepcopy=False)
-                    if t.number < trial.number and (counted(t) or active(t)))
-        if ahead >= run.budget:
-            trial.set_user_attr("skipped", "the budget was already taken by other workers' trials")
-            self.handled.add(trial.number)
-            raise _OverBudget(f"trial {trial.number} not run: budget of {run.budget} reached")
-
+        self._gate(trial)
         values = {p.name: p.suggest(trial) for p in spec.params}
         run_dir = Path(run.sweep_dir) / "trials" / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", f"{self._host}:{run_dir}")
@@ -443,62 +437,74 @@ class Objective:
             cfg = spec.trial_config(run.base, values)
             if logger:
                 logger.start(cfg)
-
-            def on_epoch_end(epoch: int, row: dict) -> None:
-                for k in hist:
-                    hist[k].append(None if row.get(k, "") == "" else float(row[k]))
-                trial.set_user_attr("history", hist)
-                if run.orphaned():
-                    trial.set_user_attr("interrupted", "the sweep run process is gone")
-                    self.handled.add(trial.number)
-                    raise _StopWorker("the sweep run process is gone")
-                if logger:
-                    logger.log(row)
-                value = row.get(spec.metric, "")
-                if value == "" or not math.isfinite(float(value)):
-                    return
-                trial.report(float(value), epoch)
-                if epoch < cfg.train.epochs and trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {epoch}/{cfg.train.epochs}")
-
-            fit(cfg, run_dir.parent, run_dir.name, data=self._load(cfg), on_epoch_end=on_epoch_end, quiet=True,
-                overwrite=True)
+            fit(cfg, run_dir.parent, run_dir.name, data=self._load(cfg), quiet=True, overwrite=True,
+                on_epoch_end=self._reporter(trial, cfg.train.epochs, hist, logger))
         except optuna.TrialPruned as e:
             self.say(f"trial {trial.number} {e} ({_last(hist, spec.metric)}) {time.perf_counter() - t0:.1f}s")
-            if logger:
-                logger.finish("pruned")
+            self._end(logger, "pruned")
             raise
         except Interrupted as e:
-            trial.set_user_attr("interrupted", str(e))
-            self.handled.add(trial.number)
-            if logger:
-                logger.finish("interrupted")
+            self._end(logger, "interrupted", trial, "interrupted", str(e))
             raise _StopWorker(str(e)) from None
         except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", "KeyboardInterrupt")
-            self.handled.add(trial.number)
+            self._end(logger, "interrupted", trial, "interrupted", "KeyboardInterrupt")
             raise
         except CifarlabError as e:
-            trial.set_user_attr("error", str(e))
-            self.handled.add(trial.number)
             self.say(f"trial {trial.number} failed: {e}")
-            if logger:
-                logger.finish("failed")
+            self._end(logger, "failed", trial, "error", str(e))
             raise
         finally:
             # Sweeps never resume a trial (a retry starts over), and each checkpoint weighs several times
             # the weights: keep best.safetensors, drop last.pt.
             (run_dir / "last.pt").unlink(missing_ok=True)
         value = next((v for v in reversed(hist[spec.metric]) if v is not None), None)
-        if logger:
-            logger.finish("complete")
-        if value is None:
-            self.handled.add(trial.number)
-            trial.set_user_attr("error", f"{spec.metric} was never measured (no validation split?)")
-            raise CifarlabError(f"trial {trial.number}: {spec.metric} was never measured")
+        if value is None or not math.isfinite(value):
+            self._end(logger, "failed", trial, "error", f"{spec.metric} was never measured or not finite: {value}")
+            raise CifarlabError(f"trial {trial.number}: {spec.metric} = {value}")
+        self._end(logger, "complete")
         self.say(f"trial {trial.number} complete: {spec.metric} {value:.4f} "
                  f"({len(hist['val_acc'])} epochs, {time.perf_counter() - t0:.1f}s)")
         return value
+
+    def _gate(self, trial) -> None:
+        """Turn the trial away when the trials numbered before it already fill the budget (module docstring)."""
+        ahead = sum(1 for t in self.study.get_trials(deepcopy=False)
+                    if t.number < trial.number and (counted(t) or active(t)))
+        if ahead >= self.run.budget:
+            trial.set_user_attr("skipped", "the budget was already taken by other workers' trials")
+            self.handled.add(trial.number)
+            raise _OverBudget(f"trial {trial.number} not run: budget of {self.run.budget} reached")
+
+    def _reporter(self, trial, epochs: int, hist: dict, logger):
+        """The ``on_epoch_end`` of a trial: record the epoch in the storage, report the metric, maybe prune."""
+        import optuna
+
+        run, metric = self.run, self.run.spec.metric
+
+        def on_epoch_end(epoch: int, row: dict) -> None:
+            for k in hist:
+                hist[k].append(None if row.get(k, "") == "" else float(row[k]))
+            trial.set_user_attr("history", hist)  # the report reads curves from the storage, on any machine
+            if logger:
+                logger.log(row)
+            if run.orphaned():
+                self._end(logger, "interrupted", trial, "interrupted", "the sweep run process is gone")
+                raise _StopWorker("the sweep run process is gone")
+            value = row.get(metric, "")
+            if value == "" or not math.isfinite(float(value)):
+                return
+            trial.report(float(value), epoch)
+            if epoch < epochs and trial.should_prune():  # a trial at its last epoch has cost all it will
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}/{epochs}")
+
+        return on_epoch_end
+
+    def _end(self, logger, state: str, trial=None, attr: str | None = None, message: str = "") -> None:
+        if trial is not None and attr is not None:
+            trial.set_user_attr(attr, message)
+            self.handled.add(trial.number)
+        if logger:
+            logger.finish(state)
 
     def _load(self, cfg):
         """The data set, loaded once per worker for each distinct split (trials mostly share one)."""
