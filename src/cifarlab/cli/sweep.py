@@ -52,9 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_cmd(args: argparse.Namespace) -> int:
     from ..sweep import run_sweep
 
-    summary = run_sweep(args.sweep_file, trials=args.trials, workers=args.workers, storage=args.storage, study=args.study,
-              out=args.out, config=args.config, overrides=config_overrides(args), heartbeat=args.heartbeat,
-              seed=args.seed, wandb=args.wandb)
+    summary = run_sweep(args.sweep_file, trials=args.trials, workers=args.workers, storage=args.storage,
+                        study=args.study, out=args.out, config=args.config, overrides=config_overrides(args),
+                        heartbeat=args.heartbeat, seed=args.seed, wandb=args.wandb)
     print(f"next: cifarlab sweep report {summary['sweep_dir']}")
     return 0
 

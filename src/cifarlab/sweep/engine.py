@@ -443,8 +443,8 @@ class Objective:
             self.say(f"trial {trial.number} {e} ({_last(hist, spec.metric)}) {time.perf_counter() - t0:.1f}s")
             self._end(logger, "pruned")
             raise
-        except Interrupted as e:
-            self._end(logger, "interrupted", trial, "interrupted", str(e))
+        except Interrupted as e:  # fit's "resume with" hint does not apply: the trial is queued to run again
+            self._end(logger, "interrupted", trial, "interrupted", str(e).split(";")[0])
             raise _StopWorker(str(e)) from None
         except KeyboardInterrupt:
             self._end(logger, "interrupted", trial, "interrupted", "KeyboardInterrupt")

@@ -203,6 +203,9 @@ def base_config(raw: dict[str, Any], sweep_path: str | Path | None = None, confi
         raise ConfigError("cifarlab.set must be a mapping {section.key: value} or a list of 'section.key=value'")
     cfg.apply_overrides(overrides or [])
     cfg.set("train.val_every", 1)
+    if cfg.data.path and Path(cfg.data.path).exists():
+        # The base is stored in the study and reused by `narrow` and `best` from any directory.
+        cfg.data.path = str(Path(cfg.data.path).resolve())
     return cfg.validate().to_dict()
 
 
