@@ -15,9 +15,19 @@ step for the study's ViT). By default (``attn_dropout_on_weights=False``) the
 same dropout rate is applied to the attention *output* instead, which keeps the
 fused kernel. In eval mode both compute the identical function; set
 ``attn_dropout_on_weights=True`` for the study's exact training regularisation.
+
+On the CPU two more choices, each measured on this project's 2-core AVX512-BF16 machine
+(benchmarks/throughput.py): under bf16 autocast the attention itself runs in fp32, because
+PyTorch's bf16 flash kernel for CPUs without AMX was slower than its fp32 one (study ViT,
+per layer and 32 images: 73 + 331 ms forward + backward in bf16, 62 + 139 ms in fp32; also
+slower for head_dim 32 and 64); q, k and v are rounded to bf16 either way, so fp32 is only
+more exact. And dropout draws its masks with :func:`cifarlab.models.dropout.dropout`, 3x
+faster than ``F.dropout`` there. Both leave the computed function unchanged.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -25,6 +35,19 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import register_model
+from .dropout import Dropout, dropout
+
+
+def _attention_in_fp32(x: torch.Tensor) -> bool:
+    """Low-precision SDPA on a CPU without AMX tiles: fp32 was faster there (see the module docstring)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not _cpu_has_amx()
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
 
 
 class PatchEmbed(nn.Module):
@@ -50,12 +73,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        dtype = qkv.dtype
+        if _attention_in_fp32(qkv):
+            qkv = qkv.float()
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         p = self.dropout if (self.training and self.dropout_on_weights) else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, heads, N, head_dim)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        if self.training and not self.dropout_on_weights and self.dropout > 0:
-            x = F.dropout(x, self.dropout, training=True)
+        with torch.autocast(q.device.type, enabled=False) if q.dtype != dtype else contextlib.nullcontext():
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, heads, N, head_dim)
+        x = x.to(dtype).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        if not self.dropout_on_weights:
+            x = dropout(x, self.dropout, self.training)
         return self.proj(x)  # (B, N, dim)
 
 
@@ -65,7 +92,7 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -78,7 +105,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, head_dim, dropout, dropout_on_weights)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_hidden, dropout)
 
@@ -96,7 +123,7 @@ class VisionTransformer(nn.Module):
         num_patches = (image_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, embed_dim) * 0.02)
-        self.pos_drop = nn.Dropout(dropout)
+        self.pos_drop = Dropout(dropout)
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, head_dim, hidden_layer_depth, dropout, attn_dropout_on_weights)
             for _ in range(num_encoder_layers)])
@@ -104,7 +131,7 @@ class VisionTransformer(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(embed_dim, mlp_head_hidden_layer_depth),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(mlp_head_hidden_layer_depth, num_classes),
         )
         nn.init.trunc_normal_(self.cls_token, std=0.02)

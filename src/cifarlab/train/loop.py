@@ -36,7 +36,7 @@ from .checkpoint import (atomic_write_text, load_checkpoint, load_into, save_che
                          state_dict_cpu, unwrap)
 from .ema import ModelEMA
 from .optim import apply_decoupled_wd, build_optimizer, build_scheduler
-from .runtime import Runtime, maybe_compile, setup_runtime
+from .runtime import Runtime, maybe_compile, process_age, setup_runtime
 
 if TYPE_CHECKING:
     from ..trackers import Tracker
@@ -392,7 +392,13 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
                 "num_classes": data.num_classes, "config": cfg.to_dict()})
         dist.barrier()
 
+    first_step_done = False  # its log line is the start-up time that benchmarks/throughput.py reads
+
     def on_step(step: int) -> None:
+        nonlocal first_step_done
+        if not first_step_done:
+            first_step_done = True
+            log(f"first training step done {process_age():.1f} s after start")
         stop = guard.signum is not None
         if dist.world_size() > 1:  # ranks agree where the loop syncs anyway, then stop at the same step
             stop = (step % t.log_every == 0 or step == len(train_batches)) and dist.any_rank(stop)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,10 +58,49 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+_IMPORTED = time.perf_counter()
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc on Linux; elsewhere since cifarlab was imported)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - _IMPORTED
+
+
+def keep_freed_memory(enable: bool = True) -> bool:
+    """Let glibc's malloc keep and reuse up to 1 GiB of freed memory instead of returning it to the OS.
+
+    By default every allocation above 32 MiB is a fresh mmap, so each step's large activations
+    fault in (and zero) new pages: measured here, allocating and filling a 134 MB tensor took 59 ms
+    of CPU against 6 ms with this setting, and training steps of the study's ViT ran 35% faster
+    (CNN and ResNet18: 5%). jemalloc or tcmalloc through LD_PRELOAD, the usual advice for PyTorch
+    on CPUs, do the same. Retention is capped (trim threshold 1 GiB): with no cap the ViT's resident
+    memory crept up by 0.5 GB in 16 steps. ``enable=False`` restores glibc's usual steady state
+    (thresholds of 32 and 64 MiB) and returns free memory to the OS.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        mmap_at, trim_at = (1 << 30, 1 << 30) if enable else (32 << 20, 64 << 20)
+        ok = bool(libc.mallopt(m_mmap_threshold, mmap_at) and libc.mallopt(m_trim_threshold, trim_at))
+        if not enable:
+            libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):  # not glibc (musl, ...): keep the default allocator
+        return False
+
+
 def setup_runtime(cfg: TrainConfig, model_name: str) -> Runtime:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
