@@ -1,6 +1,6 @@
 """Throughput: the study's training pipeline (A) against cifarlab's defaults (B), on the same data.
 
-    python benchmarks/throughput.py                 # the recorded run (about 10 minutes on 2 CPU cores)
+    python benchmarks/throughput.py                 # the recorded run (about 7 minutes on 2 CPU cores)
     python benchmarks/throughput.py --quick         # under 3 minutes on 2 quiet CPU cores
     python benchmarks/throughput.py --models vit --steps 10 --rounds 2 --data PATH
 
@@ -9,8 +9,10 @@ For each of the study's models (configs/{cnn,resnet18,vit}.yaml: their hyperpara
 A, the study's way, written here as the study wrote it: an in-memory list of PIL images with the
    torchvision transforms RandomApply([RandomHorizontalFlip(), RandomRotation(15),
    RandomResizedCrop(32, scale, ratio)], p), ToTensor, Normalize, a DataLoader with 2 workers, fp32,
-   AdamW on ``model.parameters()``, ``loss.item()`` every step; for the ViT an attention of separate
-   q/k/v Linear layers, matmul, softmax, dropout on the attention weights, matmul (``StudyViT``).
+   AdamW on ``model.parameters()``, ``loss.item()`` every step, evaluation in batches of 128 under
+   ``no_grad``, glibc's default malloc settings; for the ViT an attention of separate q/k/v Linear
+   layers, matmul, softmax, dropout on the attention weights, matmul (``StudyViT``). The study's ViT
+   at batch 128 holds 20 x 257 x 257 attention maps per image and layer: the process needs ~12 GB.
 B, cifarlab's defaults through cifarlab's own code: ``setup_runtime`` (precision, channels-last,
    threads, allocator), the registered model, ``DeviceBatches`` + ``BatchAugment`` (uint8 data on
    the device, batched augmentation), ``build_optimizer`` and ``train_one_epoch``; evaluation
@@ -25,6 +27,9 @@ with its compute, as in the study. FLOPs per image are counted once per model wi
 training, forward for evaluation) and apply to both sides: they compute the same function.
 The peak is a square matmul loop in fp32 and bf16 (best of a measurement before and after the
 models); the peak fraction of B is taken against the peak of the precision B runs in.
+
+Data: a stratified subset of the training set through ``cifarlab.data.load_data`` (10,000 images,
+``--quick`` 4,000) and 2,048 held-out images for evaluation; both sides see the same images.
 
 ``startup_s`` is the wall time from launching ``python -m cifarlab train configs/cnn.yaml`` (on
 the same data subset, warm decode cache) to its "first training step done" log line.
@@ -59,6 +64,7 @@ from cifarlab.config import RunConfig, load_config
 from cifarlab.data import CifarData, load_data
 from cifarlab.data.augment import BatchAugment
 from cifarlab.data.loader import DeviceBatches
+from cifarlab.models.resnet import CentreTapConv2d
 from cifarlab.train.loop import TrainState, build_model, predict_logits, train_one_epoch
 from cifarlab.train.optim import build_optimizer, build_scheduler
 from cifarlab.train.runtime import Runtime, keep_freed_memory, maybe_compile, setup_runtime
@@ -138,18 +144,23 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> flo
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    iters, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        iters += 1
-        if iters % 2 == 0:
-            sync(device)
-            if time.perf_counter() - t0 >= seconds:
-                break
-    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e9
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, whatever B's runtime set
+    try:
+        for _ in range(2):
+            a @ b
+        sync(device)
+        iters, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            iters += 1
+            if iters % 2 == 0:
+                sync(device)
+                if time.perf_counter() - t0 >= seconds:
+                    break
+        return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 # ============================================================================ A: the study's way
@@ -223,7 +234,11 @@ def study_model(name: str, cfg: RunConfig) -> nn.Module:
 
         params = {**model_defaults("vit"), **cfg.model.params, "image_size": cfg.data.image_size}
         return StudyViT(num_classes=10, **params)
-    return build_model(cfg, 10)  # the conv nets are the study's architectures; A runs them in fp32, NCHW
+    model = build_model(cfg, 10)  # the study's architectures; A runs them in fp32, NCHW
+    for m in model.modules():  # and with torchvision's plain convolutions (no centre-tap shortcut)
+        if isinstance(m, CentreTapConv2d):
+            m.__class__ = nn.Conv2d
+    return model
 
 
 class PILImages(torch.utils.data.Dataset):
