@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import random
 import signal
 import time
