@@ -30,9 +30,10 @@ from cifarlab.train.checkpoint import load_checkpoint
 
 from .conftest import REPO, tiny_overrides
 
-# Dropout (cnn's classifier), the study's augmentation, an EMA and a per-step schedule with warm-up: every piece
-# of state a resume has to restore.
+# Dropout (cnn's classifier), the study's augmentation, an EMA, a lookahead and a per-step schedule with warm-up:
+# every piece of state a resume has to restore.
 RESUME_SETTINGS = {"train.epochs": 4, "train.batch_size": 8, "data.augment_p": 0.5, "train.ema": 0.9,
+                   "train.lookahead": 0.9, "train.lookahead_every": 3,
                    "optim.schedule": "cosine", "optim.warmup_epochs": 0.5, "train.val_every": 1,
                    "train.log_every": 5}
 
@@ -61,7 +62,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert json.loads((a / "best.json").read_text()) == json.loads((b / "best.json").read_text())
     ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
     assert ca["ema_updates"] == cb["ema_updates"]
-    for part in ("model", "ema"):
+    for part in ("model", "ema", "lookahead"):
         assert (ca[part] is None) == (cb[part] is None)
         if ca[part] is None:
             continue

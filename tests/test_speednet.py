@@ -15,6 +15,7 @@ from cifarlab.config import load_config
 from cifarlab.errors import ConfigError
 from cifarlab.models import create_model, list_models
 from cifarlab.train.checkpoint import load_weights
+from cifarlab.train.loop import whitening_sample
 
 from .conftest import REPO, tiny_overrides
 
@@ -53,6 +54,21 @@ def test_forward_backward_on_cpu():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.97e6, rel=0.02)  # airbench94: ~2M
+
+
+def test_stem_runs_in_fp32_under_bf16_autocast():
+    """The whitening filters amplify weak patch directions ~45x: the stem must not round its input to bf16."""
+    torch.manual_seed(0)
+    model = create_model("speednet", 10, **NARROW)
+    x = torch.randn(2, 3, 32, 32)
+    model.init_whitening(x)
+    seen = {}
+    model.whiten.register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert seen["dtype"] == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what it would be without the guard
+        assert model.whiten._conv_forward(x, model.whiten.weight, model.whiten.bias).dtype == torch.bfloat16
 
 
 def test_whitening_init_whitens_the_patches_of_the_init_data():
@@ -134,8 +150,19 @@ def test_fit_initialises_the_whitening_from_the_training_split(small_folder, tmp
     assert meta["model"] == "speednet"
     ref = create_model("speednet", 10, **NARROW)
     norm = DeviceBatches(data.train_x[:0], data.train_y[:0], 1, mean=data.mean, std=data.std, device="cpu")
-    ref.init_whitening(norm.normalize(data.train_x[:5000]))
+    pick = whitening_sample(len(data.train_x), 5000, cfg.train.seed)
+    ref.init_whitening(norm.normalize(data.train_x[pick]))
     assert torch.allclose(tensors["whiten.weight"].float(), ref.whiten.weight, atol=1e-5)
+
+
+def test_whitening_sample_draws_from_every_class_not_the_first_in_file_order():
+    labels = torch.arange(10).repeat_interleave(4000)  # a class-sorted training split, as load_data keeps it
+    pick = whitening_sample(len(labels), 5000, seed=0)
+    assert len(pick) == 5000 and len(set(pick.tolist())) == 5000
+    counts = torch.bincount(labels[pick], minlength=10)
+    assert counts.min() > 400 and counts.max() < 600  # ~500 each; labels[:5000] would be 4000 / 1000 / 0 ...
+    assert torch.equal(pick, whitening_sample(len(labels), 5000, seed=0))
+    assert not torch.equal(pick, whitening_sample(len(labels), 5000, seed=1))
 
 
 def _load_benchmark():

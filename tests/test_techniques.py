@@ -15,7 +15,7 @@ from cifarlab.config import DataConfig, OptimConfig
 from cifarlab.data.augment import BatchAugment, cutout, translate
 from cifarlab.data.trivial_augment import OP_NAMES, OPS, apply_ops, rotate, translate_x, trivial_augment_wide
 from cifarlab.models import create_model
-from cifarlab.train.ema import ModelEMA
+from cifarlab.train.ema import Lookahead, ModelEMA
 from cifarlab.train.loop import soft_cross_entropy, tta_logits
 from cifarlab.train.mix import build_mix, cutmix, mixup
 from cifarlab.train.optim import apply_decoupled_wd, build_optimizer, build_scheduler
@@ -63,6 +63,36 @@ def test_ema_after_known_steps_matches_closed_form():
     assert model.weight.item() == pytest.approx(K * delta)  # the training weights are untouched
 
 
+def test_lookahead_pulls_slow_weights_on_schedule_and_ends_on_them():
+    """Fast weight w moved +1 per step; syncs every 2 steps with alpha = d^2 (t/T)^3 (slow <- a slow + (1-a) w,
+    w <- slow); finish() leaves the slow weights in the model. BatchNorm buffers take part, counters do not."""
+    d, every, T = 0.9, 2, 6
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    nn.init.zeros_(model[0].weight)
+    la = Lookahead(model, d, every, T)
+    slow, w = 0.0, 0.0
+    for step in range(1, T + 1):
+        with torch.no_grad():
+            model[0].weight += 1.0
+            model[1].running_mean += 1.0
+        w += 1.0
+        la.step(model, step)
+        if step % every == 0:
+            a = d ** every * (step / T) ** 3
+            slow = a * slow + (1 - a) * w
+            w = slow
+        assert model[0].weight.item() == pytest.approx(w, rel=1e-6)
+        assert model[1].running_mean.item() == pytest.approx(w, rel=1e-6)
+    assert la.alpha(2) == pytest.approx(d ** 2 / 27) and la.alpha(T) == pytest.approx(d ** 2)
+    model[0].weight.data += 5.0  # fast weights drift after the last sync ...
+    la.finish(model)  # ... and finish restores the slow ones
+    assert model[0].weight.item() == pytest.approx(slow, rel=1e-6)
+    assert "1.num_batches_tracked" not in la.state_dict()
+    fresh = Lookahead(nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1)), d, every, T)
+    fresh.load_state_dict(la.state_dict())
+    assert fresh.slow["0.weight"].item() == pytest.approx(slow, rel=1e-6)
+
+
 def test_ema_averages_batchnorm_buffers():
     bn = nn.BatchNorm1d(2)
     ema = ModelEMA(bn, 0.5)
@@ -82,17 +112,18 @@ def _reflect_shift(x: torch.Tensor, s: int) -> torch.Tensor:
     return x[..., t, :][..., :, t]
 
 
-def test_tta_is_the_mean_of_the_views_logits():
+def test_tta_averages_the_views_logits_with_airbench_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
     x = images(4)
     assert torch.allclose(tta_logits(model, x, "none"), model(x))
     assert torch.allclose(tta_logits(model, x, "flip"), (model(x) + model(x.flip(3))) / 2, atol=1e-6)
-    views = [x, x.flip(3)]
+    shifted = []
     for s in (-1, 1):
         v = _reflect_shift(x, s)
-        views += [v, v.flip(3)]
-    expected = torch.stack([model(v) for v in views]).mean(0)
+        shifted += [v, v.flip(3)]
+    # half on the untranslated pair, half on the four shifted views
+    expected = (model(x) + model(x.flip(3))) / 4 + torch.stack([model(v) for v in shifted]).mean(0) / 2
     assert torch.allclose(tta_logits(model, x, "flip_translate"), expected, atol=1e-5)
 
 
@@ -281,12 +312,13 @@ def test_sgd_is_nesterov_and_adamw_keeps_its_decay():
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
 
 
-def test_model_param_groups_scale_lr_and_keep_decay_per_step():
-    model = create_model("speednet", 10, widths=[8, 16, 16], bias_lr_scale=64.0)
+@pytest.mark.parametrize("bias_decay", [0.0, 1.0, 0.25])
+def test_model_param_groups_scale_lr_and_set_bias_decay_per_step(bias_decay):
+    model = create_model("speednet", 10, widths=[8, 16, 16], bias_lr_scale=64.0, bias_decay=bias_decay)
     opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.5, weight_decay=0.01))
     other, norm = opt.param_groups
     assert other["lr"] == 0.5 and norm["lr"] == 0.5 * 64
-    assert norm["lr"] * norm["decoupled_wd"] == pytest.approx(other["lr"] * other["decoupled_wd"])
+    assert norm["lr"] * norm["decoupled_wd"] == pytest.approx(bias_decay * other["lr"] * other["decoupled_wd"])
     norm_ids = {id(p) for n, p in model.named_parameters() if ".norm" in n and p.requires_grad}
     assert {id(p) for p in norm["params"]} == norm_ids and norm_ids
 

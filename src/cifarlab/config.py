@@ -82,6 +82,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     ema_every: int = 1  # steps between EMA updates
+    lookahead: float = 0.0  # airbench's lookahead: per-step decay of the slow weights (0 = off; airbench 0.95)
+    lookahead_every: int = 5  # steps between lookahead syncs
     tta: str = "none"  # none | flip | flip_translate: test-time augmentation at evaluation
     grad_clip: float = 0.0  # max gradient norm (0 = off)
     checkpoint_every_steps: int = 0  # also write the last checkpoint every N steps (0 = per epoch only)
@@ -205,6 +207,8 @@ class RunConfig:
         _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
         _check(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1)")
         _check(t.ema_every >= 1, "train.ema_every", t.ema_every, "must be >= 1")
+        _check(0 <= t.lookahead < 1, "train.lookahead", t.lookahead, "must be in [0, 1)")
+        _check(t.lookahead_every >= 1, "train.lookahead_every", t.lookahead_every, "must be >= 1")
         _check(t.tta in ("none", "flip", "flip_translate"), "train.tta", t.tta, "must be none, flip or flip_translate")
         _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0")
         _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 0")

@@ -23,13 +23,18 @@ BatchNorm settings for short schedules (airbench's ablations):
   learned scale only adds a direction that weight decay fights.
 * eps 1e-12 instead of 1e-5: with whitened inputs some channels have tiny
   variance early, and 1e-5 would damp them.
-* running-statistics momentum 0.1 (PyTorch convention). airbench uses 0.4
-  only together with its lookahead optimizer; its ablations say either helps
-  only with the other, and cifarlab has EMA, not lookahead.
+* running-statistics momentum 0.1 by default (PyTorch convention). airbench
+  uses 0.4 together with its lookahead optimizer (``train.lookahead``), and
+  so does ``configs/speedrun.yaml``: the lookahead also averages the running
+  statistics, which then must follow the fast weights quickly.
 * the BN biases train with a learning rate ``bias_lr_scale`` (64) times the
   base rate and a weight decay divided by it, so their decay per step stays
-  that of the other weights (:meth:`SpeedNet.param_groups`, used by
-  ``cifarlab.train.optim.build_optimizer``).
+  that of the other weights, as in airbench94 (:meth:`SpeedNet.param_groups`,
+  used by ``cifarlab.train.optim.build_optimizer``); ``bias_decay`` scales
+  their decay per step relative to the other weights' (0 = none).
+* the stem runs in fp32 even under bf16 autocast: its filters amplify the
+  weakest patch directions up to 1/sqrt(eps) = 45x, and bf16's 8-bit mantissa
+  would amplify its rounding error with them.
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ class ConvGroup(nn.Module):
 
 class SpeedNet(nn.Module):
     def __init__(self, num_classes: int, widths: list[int], whiten_kernel: int, bn_momentum: float,
-                 bn_eps: float, bn_weight: bool, dirac: bool, head_scale: float, bias_lr_scale: float):
+                 bn_eps: float, bn_weight: bool, dirac: bool, head_scale: float, bias_lr_scale: float,
+                 bias_decay: float = 1.0):
         super().__init__()
         k = whiten_kernel
         self.whiten = nn.Conv2d(3, 2 * 3 * k * k, kernel_size=k, padding=0, bias=True)
@@ -95,9 +101,11 @@ class SpeedNet(nn.Module):
         self.head = nn.Linear(cin, num_classes, bias=False)
         self.head_scale = head_scale
         self.bias_lr_scale = bias_lr_scale
+        self.bias_decay = bias_decay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.whiten(x))  # (B, 24, H-1, W-1) for k=2
+        with torch.autocast(x.device.type, enabled=False):  # fp32 stem: see the module docstring
+            x = F.gelu(self.whiten(x.float()))  # (B, 24, H-1, W-1) for k=2
         x = self.blocks(x)  # (B, widths[-1], ~H/8, ~W/8)
         x = torch.amax(x, dim=(2, 3))  # global max-pool: (B, widths[-1])
         return self.head(x) * self.head_scale  # (B, num_classes)
@@ -135,20 +143,22 @@ class SpeedNet(nn.Module):
         """Optimizer groups: BN biases at ``bias_lr_scale`` x the learning rate (airbench's bias_scaler).
 
         ``lr_scale`` multiplies the group's learning rate; the decoupled decay per step is lr * wd, so the
-        BN group's wd is divided by the same factor to keep its decay per step equal to the others'.
+        BN group's wd is ``bias_decay / bias_lr_scale`` x the others' for a decay per step ``bias_decay`` x
+        theirs (1 by default: the same).
         """
         norm = [p for n, p in self.named_parameters() if ".norm" in n and p.requires_grad]
         other = [p for n, p in self.named_parameters() if ".norm" not in n and p.requires_grad]
         return [{"params": other, "weight_decay": weight_decay, "lr_scale": 1.0},
-                {"params": norm, "weight_decay": weight_decay / self.bias_lr_scale, "lr_scale": self.bias_lr_scale}]
+                {"params": norm, "weight_decay": weight_decay * self.bias_decay / self.bias_lr_scale,
+                 "lr_scale": self.bias_lr_scale}]
 
 
 @register_model
 def speednet(num_classes: int = 10, *, widths: list[int] = [64, 256, 256], whiten_kernel: int = 2,  # noqa: B006
              bn_momentum: float = 0.1, bn_eps: float = 1e-12, bn_weight: bool = False, dirac: bool = True,
-             head_scale: float = 1 / 9, bias_lr_scale: float = 64.0) -> nn.Module:
+             head_scale: float = 1 / 9, bias_lr_scale: float = 64.0, bias_decay: float = 1.0) -> nn.Module:
     return SpeedNet(num_classes, list(widths), whiten_kernel, bn_momentum, bn_eps, bn_weight, dirac, head_scale,
-                    bias_lr_scale)
+                    bias_lr_scale, bias_decay)
 
 
 def _check(p: dict, image_size: int) -> None:
@@ -162,6 +172,8 @@ def _check(p: dict, image_size: int) -> None:
         raise ConfigError(f"model.bn_eps={p['bn_eps']} must be > 0")
     if p["head_scale"] <= 0 or p["bias_lr_scale"] <= 0:
         raise ConfigError("model.head_scale and model.bias_lr_scale must be > 0")
+    if p["bias_decay"] < 0:
+        raise ConfigError(f"model.bias_decay={p['bias_decay']} must be >= 0")
     if (image_size - p["whiten_kernel"] + 1) // 8 < 1:
         raise ConfigError(f"image size {image_size} is too small for speednet's three 2x poolings")
 

@@ -33,7 +33,7 @@ from ..models import count_parameters, create_model
 from . import distributed as dist
 from .checkpoint import (atomic_write_text, load_checkpoint, load_into, save_checkpoint, save_weights,
                          state_dict_cpu, unwrap)
-from .ema import ModelEMA
+from .ema import Lookahead, ModelEMA
 from .optim import apply_decoupled_wd, build_optimizer, build_scheduler
 from .runtime import Runtime, maybe_compile, process_age, setup_runtime
 
@@ -80,6 +80,16 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     return create_model(cfg.model.name, num_classes, **params)
 
 
+def whitening_sample(n: int, k: int, seed: int) -> torch.Tensor:
+    """Indices of ``k`` of ``n`` training images, drawn at random (seeded) for a data-dependent init.
+
+    The training split is stored in file order, i.e. sorted by class in an image folder: its first 5000
+    images would be airplanes and automobiles only, and whitening filters fitted to them would favour
+    their smooth skies and roads.
+    """
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Cross-entropy against hard labels (N,) or soft targets (N, C) from mixup / cutmix."""
     if target.ndim == 1:
@@ -93,7 +103,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothi
 def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.optim.Optimizer, scheduler,
                     per_step_sched: bool, rt: Runtime, cfg: RunConfig, state: TrainState, epoch: int,
                     ema: ModelEMA | None = None, on_step: Callable[[int], None] | None = None,
-                    mix: Callable | None = None) -> tuple[float, float]:
+                    mix: Callable | None = None, lookahead: Lookahead | None = None) -> tuple[float, float]:
     """One pass over the training batches; returns (mean loss, accuracy) over the epoch."""
     t = cfg.train
     model.train()
@@ -129,6 +139,8 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
                 nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             apply_decoupled_wd(optimizer)
             optimizer.step()
+            if lookahead is not None:
+                lookahead.step(model, state.global_step + 1)
             if ema is not None and (state.global_step + 1) % t.ema_every == 0:
                 ema.update(model)
             loss_sum += loss.detach().double() * len(y)
@@ -169,20 +181,24 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, batches_like: Device
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """Test-time augmentation: average the logits over flips (and one-pixel translations)."""
+    """Test-time augmentation: average the logits over flips (and one-pixel translations).
+
+    ``flip``: the mean over the image and its mirror. ``flip_translate`` (airbench's weighting): half that
+    mean, half the mean over the four mirrored and unmirrored copies shifted by -1 and +1 pixel in both axes.
+    """
     logits = model(x)
     if tta == "none":
         return logits
-    views = [x.flip(3)]
+    logits = (logits + model(x.flip(3))) / 2
     if tta == "flip_translate":
         pad = F.pad(x, (1, 1, 1, 1), mode="reflect")
         H, W = x.shape[-2:]
+        shifted_sum = 0
         for dy, dx in ((0, 0), (2, 2)):  # shift by -1 and +1 pixel in both axes
             shifted = pad[..., dy:dy + H, dx:dx + W]
-            views += [shifted, shifted.flip(3)]
-    for v in views:
-        logits = logits + model(v)
-    return logits / (1 + len(views))
+            shifted_sum = shifted_sum + model(shifted) + model(shifted.flip(3))
+        logits = logits / 2 + shifted_sum / 8
+    return logits
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches_like: DeviceBatches, rt: Runtime,
@@ -332,11 +348,13 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     if len(train_batches) == 0:
         raise ConfigError(f"train.batch_size={t.batch_size} leaves no batch for {len(data.train_x)} images per process")
     if ckpt_state is None and hasattr(model, "init_whitening"):  # data-dependent init (speednet); resume loads it
-        model.init_whitening(train_batches.normalize(data.train_x[:5000].to(rt.device)))
+        pick = whitening_sample(len(data.train_x), 5000, t.seed)
+        model.init_whitening(train_batches.normalize(data.train_x[pick].to(rt.device)))
     lr = cfg.optim.lr * dist.lr_scale(cfg.optim.lr_scale_rule)
     optimizer = build_optimizer(model, cfg.optim, lr)
     scheduler, per_step = build_scheduler(optimizer, cfg.optim, t.epochs, len(train_batches))
     ema = ModelEMA(model, t.ema) if t.ema > 0 else None
+    lookahead = Lookahead(model, t.lookahead, t.lookahead_every, t.epochs * len(train_batches)) if t.lookahead else None
     from .mix import build_mix  # mixup / cutmix, when configured
 
     mix = build_mix(cfg.data, data.num_classes, t.seed)
@@ -355,6 +373,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
                 load_into(ema.module, ckpt_state["ema"], "EMA weights")
                 # AveragedModel copies the weights on its first update instead of averaging: restore its count.
                 ema.averaged.n_averaged.fill_(int(ckpt_state.get("ema_updates", 1)))
+            if lookahead is not None:
+                lookahead.load_state_dict(ckpt_state["lookahead"])
             state = TrainState(**ckpt_state["train_state"])
             if not dist.is_main():  # the saved partial sums cover every rank; rank 0 alone resumes with them
                 state.partial = [0.0, 0.0, 0.0]
@@ -387,6 +407,7 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
                 "model": state_dict_cpu(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": state_dict_cpu(ema.module) if ema else None,
                 "ema_updates": int(ema.averaged.n_averaged) if ema else 0,
+                "lookahead": lookahead.state_dict() if lookahead else None,
                 "train_state": _train_state_dict(state, running), "rng": rng_state(), "model_name": cfg.model.name,
                 "num_classes": data.num_classes, "config": cfg.to_dict()})
         dist.barrier()
@@ -416,7 +437,9 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
             epoch = state.epoch
             t0 = time.perf_counter()
             train_loss, train_acc = train_one_epoch(train_model, train_batches, optimizer, scheduler, per_step, rt,
-                                                    cfg, state, epoch, ema, on_step, mix)
+                                                    cfg, state, epoch, ema, on_step, mix, lookahead)
+            if lookahead is not None and epoch + 1 == t.epochs:
+                lookahead.finish(model)  # the run ends on the slow weights
             lr_now = optimizer.param_groups[0]["lr"]
             if not per_step:
                 scheduler.step()
