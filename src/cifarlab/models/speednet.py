@@ -120,6 +120,8 @@ class SpeedNet(nn.Module):
         normalization when they are the training split). The patch second-moment matrix is
         eigendecomposed; filter i is eigenvector i / sqrt(eigenvalue i + eps), so on these images the
         first half of the stem's outputs (before bias) have covariance ~identity, up to eps.
+        Only the first ``max_images`` are used: pass a random sample, not a class-sorted set (``fit``
+        passes 5000 training images drawn by ``cifarlab.train.loop.whitening_sample``).
         """
         x = images[:max_images]
         if x.dtype == torch.uint8:
