@@ -19,6 +19,25 @@ def test_shipped_configs_load(name):
     assert cfg.data.train_size == 40000 and cfg.data.val_size == 10000
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_builds_its_model(path):
+    """Each shipped recipe loads and its model builds with the recipe's hyperparameters."""
+    from cifarlab.models import create_model
+
+    cfg = load_config(path)
+    model = create_model(cfg.model.name, 10, **cfg.model.params)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_vit_stem_from_the_command_line():
+    cfg = load_config(REPO / "configs" / "vit-strong.yaml")
+    assert cfg.model.params["stem_channels"] == [32, 64, 128]
+    plain = load_config(REPO / "configs" / "vit-strong.yaml", ["model.stem_channels=[]"])
+    assert plain.model.params["stem_channels"] == []
+    with pytest.raises(ConfigError, match="stem_channels"):
+        load_config(REPO / "configs" / "vit-strong.yaml", ["model.patch_size=16"])  # 4 stride-2 layers > 3
+
+
 def test_study_vit_values():
     cfg = load_config(REPO / "configs" / "vit.yaml")
     p = cfg.model.params

@@ -45,6 +45,22 @@ def test_study_vit_shapes():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_vit_conv_stem_gives_the_patch_grid():
+    """stem_channels=[8, 16, 24] with patch 4: one stride-1 conv, then two stride-2 convs, then a 1x1
+    projection; the tokens keep the patch embedding's (B, 64, D) shape and the model trains through BN."""
+    kw = {k: v for k, v in SMALL["vit"].items()}
+    model = create_model("vit", 10, stem_channels=[8, 16, 24], **kw)
+    strides = [m.stride[0] for m in model.patch_embed.convs if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [1, 2, 2]
+    x = torch.randn(3, 3, 32, 32)
+    tokens = model.patch_embed(x)
+    assert tokens.shape == create_model("vit", 10, **kw).patch_embed(x).shape == (3, 64, 16)
+    assert model.pos_embed.shape == (1, 65, 16)
+    model(x).sum().backward()
+    assert model.patch_embed.convs[0].weight.grad.abs().sum() > 0
+    assert create_model("vit", 10, stem_channels=[], **kw).patch_embed.__class__.__name__ == "PatchEmbed"
+
+
 def test_resnet_cifar_stem_keeps_resolution():
     plain = create_model("resnet18", 10)
     cifar = create_model("resnet18", 10, cifar_stem=True)
@@ -68,6 +84,9 @@ def test_cnn_structure_follows_the_study():
     ("cnn", {"hidden": "wide"}, "model.hidden must be an integer"),
     ("vit", {"patch_size": 5}, "patch_size=5 must divide"),
     ("vit", {"num_heads": 0}, "must be > 0"),
+    ("vit", {"patch_size": 8, "stem_channels": [16, 32]}, "at least log2"),
+    ("vit", {"patch_size": 2, "stem_channels": [16, 0]}, "positive integers"),
+    ("vit", {"stem_channels": 16}, "list of widths"),
     ("cnn", {"dropout": 1.5}, "model.dropout"),
 ])
 def test_bad_hyperparameters(name, kwargs, match):

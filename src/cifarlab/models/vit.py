@@ -2,7 +2,10 @@
 16x16 Words"), pre-norm as in timm's ``VisionTransformer``.
 
 Layout follows the study: Conv2d patch embedding (kernel = stride = patch size),
-a class token, learnable position embeddings, ``num_encoder_layers`` pre-norm
+or, with ``stem_channels``, a convolutional stem (Xiao et al., 2021, "Early
+Convolutions Help Transformers See Better": 3x3 conv-BN-ReLU layers, the last
+log2(patch_size) of them with stride 2, then a 1x1 projection to ``embed_dim``;
+the token grid is the same as with patches), a class token, learnable position embeddings, ``num_encoder_layers`` pre-norm
 encoder layers, and an MLP head with one hidden layer. Attention heads have
 ``head_dim`` each, so the inner width ``num_heads * head_dim`` may differ from
 ``embed_dim``.
@@ -57,6 +60,29 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class ConvStem(nn.Module):
+    """3x3 conv-BN-ReLU layers, the last ``log2(patch_size)`` with stride 2, then a 1x1 conv to ``embed_dim``:
+    the same (B, N, D) tokens as :class:`PatchEmbed` with the same patch size. Short runs on small images
+    are where this stem pays: the convolutions give the tokens a locality prior that patch projections
+    must learn from data (Xiao et al., 2021; the CCT paper's tokenizer, Hassani et al., 2021, is akin)."""
+
+    def __init__(self, patch_size: int, embed_dim: int, channels: list[int], in_chans: int = 3):
+        super().__init__()
+        strided = patch_size.bit_length() - 1  # log2 of a power of two, checked in _check
+        layers, c_in = [], in_chans
+        for i, c in enumerate(channels):
+            stride = 2 if i >= len(channels) - strided else 1
+            layers += [nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c),
+                       nn.ReLU(inplace=True)]
+            c_in = c
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c_in, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.convs(x))  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
@@ -117,9 +143,11 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, num_classes: int, image_size: int, patch_size: int, embed_dim: int,
                  num_encoder_layers: int, num_heads: int, head_dim: int, hidden_layer_depth: int,
-                 dropout: float, mlp_head_hidden_layer_depth: int, attn_dropout_on_weights: bool):
+                 dropout: float, mlp_head_hidden_layer_depth: int, attn_dropout_on_weights: bool,
+                 stem_channels: list[int] | None = None):
         super().__init__()
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.patch_embed = (ConvStem(patch_size, embed_dim, list(stem_channels)) if stem_channels
+                            else PatchEmbed(patch_size, embed_dim))
         num_patches = (image_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, embed_dim) * 0.02)
@@ -162,10 +190,12 @@ def _init_weights(m: nn.Module) -> None:
 def vit(num_classes: int = 10, *, image_size: int = 32, patch_size: int = 4, embed_dim: int = 192,
         num_encoder_layers: int = 6, num_heads: int = 3, head_dim: int = 64, hidden_layer_depth: int = 384,
         dropout: float = 0.1, mlp_head_hidden_layer_depth: int = 384,
-        attn_dropout_on_weights: bool = False) -> nn.Module:
+        attn_dropout_on_weights: bool = False, stem_channels: list[int] | None = None) -> nn.Module:
+    """``stem_channels`` empty or None: the study's patch embedding; a list of widths: a convolutional stem
+    (:class:`ConvStem`; ``patch_size`` must then be a power of two with log2(patch_size) <= its length)."""
     return VisionTransformer(num_classes, image_size, patch_size, embed_dim, num_encoder_layers, num_heads,
                              head_dim, hidden_layer_depth, dropout, mlp_head_hidden_layer_depth,
-                             attn_dropout_on_weights)
+                             attn_dropout_on_weights, stem_channels)
 
 
 def _check(p: dict, image_size: int) -> None:
@@ -179,6 +209,16 @@ def _check(p: dict, image_size: int) -> None:
             raise ConfigError(f"model.{key}={p[key]} must be >= 1")
     if not 0 <= p["dropout"] < 1:
         raise ConfigError(f"model.dropout={p['dropout']} must be in [0, 1)")
+    stem = p.get("stem_channels") or []
+    if not isinstance(stem, (list, tuple)):
+        raise ConfigError(f"model.stem_channels={stem!r} must be a list of widths, e.g. [32, 64, 128]")
+    if stem:
+        patch = p["patch_size"]
+        if patch & (patch - 1) or patch.bit_length() - 1 > len(stem):
+            raise ConfigError(f"model.stem_channels={list(stem)}: a convolutional stem needs a power-of-two "
+                              f"patch_size (got {patch}) and at least log2(patch_size) layers, one per stride 2")
+        if any(not isinstance(c, int) or c < 1 for c in stem):
+            raise ConfigError(f"model.stem_channels={list(stem)} must be positive integers")
 
 
 vit.check_params = _check
