@@ -214,3 +214,14 @@ def test_time_to_accuracy_probe_needs_no_data():
     assert res["batch_size"] == 32 and res["images_per_second"] > 0
     assert res["run_minutes"] == pytest.approx(res["minutes_per_epoch"] * 18, rel=1e-3)  # speedrun: 18 epochs
     assert res["eval_minutes_per_epoch"] > 0 and res["train_cpu_ms_per_image"] > 0
+
+
+def test_denormals_benchmark_times_both_settings_and_restores_the_default(trained_run, small_folder, capsys):
+    spec = importlib.util.spec_from_file_location("denormals", REPO / "benchmarks" / "denormals.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main([str(trained_run), "--data", str(small_folder), "--steps", "1", "--rounds", "2"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert out["model"] == "cnn" and set(out["ms_per_step"]) == {"keep", "flush"}
+    assert all(v > 0 for v in out["ms_per_step"].values())
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # flush-to-zero is off again afterwards
