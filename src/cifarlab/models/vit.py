@@ -6,9 +6,9 @@ or, with ``stem_channels``, a convolutional stem (Xiao et al., 2021, "Early
 Convolutions Help Transformers See Better": 3x3 conv-BN-ReLU layers, the last
 log2(patch_size) of them with stride 2, then a 1x1 projection to ``embed_dim``;
 the token grid is the same as with patches), a class token, learnable position
-embeddings, ``num_encoder_layers`` pre-norm encoder layers, and an MLP head with one hidden layer. Attention heads have
-``head_dim`` each, so the inner width ``num_heads * head_dim`` may differ from
-``embed_dim``.
+embeddings, ``num_encoder_layers`` pre-norm encoder layers, and an MLP head with
+one hidden layer. Attention heads have ``head_dim`` each, so the inner width
+``num_heads * head_dim`` may differ from ``embed_dim``.
 
 Speed: Q, K and V come from one fused Linear, and attention runs through
 ``F.scaled_dot_product_attention``. The study applied dropout to the attention
