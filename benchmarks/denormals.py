@@ -16,6 +16,7 @@ Prints ms per step for each setting and the ratio; the last line is JSON:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -29,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cifarlab.config import RunConfig  # noqa: E402
 from cifarlab.data.dataset import load_data  # noqa: E402
-from cifarlab.models import create_model  # noqa: E402
+from cifarlab.data.loader import DeviceBatches  # noqa: E402
 from cifarlab.train.checkpoint import load_checkpoint  # noqa: E402
+from cifarlab.train.loop import build_model  # noqa: E402
 from cifarlab.train.optim import build_optimizer  # noqa: E402
 from cifarlab.train.runtime import setup_runtime  # noqa: E402
 
@@ -48,21 +50,21 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.data.path = args.data
     rt = setup_runtime(cfg.train, cfg.model.name)
     data = load_data(cfg.data)
-    model = create_model(cfg.model.name, data.num_classes, **cfg.model.params)
+    model = build_model(cfg, data.num_classes).to(rt.device)
     model.load_state_dict(ckpt["model"])
+    if rt.channels_last:  # as fit does
+        model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg.optim)
     opt.load_state_dict(ckpt["optimizer"])
     model.train()
 
     bs = cfg.train.batch_size
-    mean = torch.tensor(data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(data.std).view(1, 3, 1, 1)
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(data.train_x), generator=gen)[: bs * args.steps]
-    batches = [((data.train_x[i].float() / 255 - mean) / std, data.train_y[i]) for i in idx.split(bs)]
+    loader = DeviceBatches(data.train_x, data.train_y, bs, mean=data.mean, std=data.std, device=rt.device,
+                           shuffle=True, channels_last=rt.channels_last)  # normalized, not augmented
+    batches = list(itertools.islice(loader, args.steps))
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=rt.precision == "bf16"):
+        with rt.autocast():
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.train.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()

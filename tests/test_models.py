@@ -48,7 +48,7 @@ def test_study_vit_shapes():
 def test_vit_conv_stem_gives_the_patch_grid():
     """stem_channels=[8, 16, 24] with patch 4: one stride-1 conv, then two stride-2 convs, then a 1x1
     projection; the tokens keep the patch embedding's (B, 64, D) shape and the model trains through BN."""
-    kw = {k: v for k, v in SMALL["vit"].items()}
+    kw = SMALL["vit"]
     model = create_model("vit", 10, stem_channels=[8, 16, 24], **kw)
     strides = [m.stride[0] for m in model.patch_embed.convs if isinstance(m, torch.nn.Conv2d)]
     assert strides == [1, 2, 2]

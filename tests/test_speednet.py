@@ -165,9 +165,9 @@ def test_whitening_sample_draws_from_every_class_not_the_first_in_file_order():
     assert not torch.equal(pick, whitening_sample(len(labels), 5000, seed=1))
 
 
-def _load_benchmark():
-    path = REPO / "benchmarks" / "time_to_accuracy.py"
-    spec = importlib.util.spec_from_file_location("time_to_accuracy", path)
+def _load_benchmark(name: str = "time_to_accuracy"):
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -217,10 +217,7 @@ def test_time_to_accuracy_probe_needs_no_data():
 
 
 def test_denormals_benchmark_times_both_settings_and_restores_the_default(trained_run, small_folder, capsys):
-    spec = importlib.util.spec_from_file_location("denormals", REPO / "benchmarks" / "denormals.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = mod.main([str(trained_run), "--data", str(small_folder), "--steps", "1", "--rounds", "2"])
+    out = _load_benchmark("denormals").main([str(trained_run), "--data", str(small_folder), "--steps", "1", "--rounds", "2"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
     assert out["model"] == "cnn" and set(out["ms_per_step"]) == {"keep", "flush"}
     assert all(v > 0 for v in out["ms_per_step"].values())
