@@ -3,6 +3,7 @@
     python benchmarks/time_to_accuracy.py CONFIG [--target 0.94] [--budget-minutes M] [--seeds N]
                                           [--data PATH] [--set section.key=value ...]
     python benchmarks/time_to_accuracy.py CONFIG --probe STEPS    # throughput only, synthetic data
+    python benchmarks/time_to_accuracy.py CONFIG --epochs-for-minutes M ...  # probe, then size the run to M
 
 Trains with ``cifarlab.train.fit`` on the config's split (the configs use the study's 40k/10k split)
 and, after each epoch, scores the TEST set with that epoch's evaluation weights (the EMA when
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", metavar="DIR", help="keep the run directories here (default: a temporary folder)")
     p.add_argument("--probe", type=int, default=0, metavar="STEPS",
                    help="only time STEPS training steps on synthetic data and estimate the run's minutes")
+    p.add_argument("--epochs-for-minutes", type=float, default=None, metavar="M",
+                   help="first probe the step time (30 steps), then set train.epochs to what fits in M training "
+                        "minutes, scaling the warm-up with it (on a machine whose speed is not known yet)")
     args = p.parse_args(argv)
     if not 0 < args.target <= 1:
         p.error("--target must be in (0, 1]")
@@ -79,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--probe must be >= 1 (steps)")
     if args.budget_minutes is not None and args.budget_minutes <= 0:
         p.error("--budget-minutes must be > 0")
+    if args.epochs_for_minutes is not None and args.epochs_for_minutes <= 0:
+        p.error("--epochs-for-minutes must be > 0")
     return args
 
 
@@ -220,6 +226,16 @@ def probe(cfg: RunConfig, steps: int, n_train: int = 40000, n_test: int = 10000)
             "eval_cpu_minutes_per_epoch": n_test * ecpu / 1000 / 60}
 
 
+def size_epochs(cfg: RunConfig, minutes: float, minutes_per_epoch: float) -> RunConfig:
+    """``cfg`` with as many epochs as fit in ``minutes`` (at least one), the warm-up kept the same share of
+    the run and validation at the end only."""
+    cfg = copy.deepcopy(cfg)
+    epochs = max(1, int(minutes / minutes_per_epoch))
+    cfg.optim.warmup_epochs = round(cfg.optim.warmup_epochs * epochs / cfg.train.epochs, 3)
+    cfg.train.epochs = cfg.train.val_every = epochs
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
@@ -235,6 +251,13 @@ def main(argv: list[str] | None = None) -> dict:
         res = {"config": args.config, **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}}
         print(json.dumps(res), flush=True)
         return res
+    if args.epochs_for_minutes:
+        res = probe(cfg, 30, n_train=cfg.data.train_size)
+        cfg = size_epochs(cfg, args.epochs_for_minutes, res["minutes_per_epoch"])
+        print(f"sized: {res['images_per_second']:.0f} images/s ({res['precision']}, batch {res['batch_size']}), "
+              f"{res['minutes_per_epoch'] * 60:.1f} s per epoch -> {cfg.train.epochs} epochs in "
+              f"{args.epochs_for_minutes} min (train.epochs={cfg.train.epochs} "
+              f"optim.warmup_epochs={cfg.optim.warmup_epochs})", flush=True)
     data = load_data(cfg.data)
     print(f"{args.config}: {cfg.model.name}, {len(data.train_x)} train images, {len(data.test_x)} test images, "
           f"{cfg.train.epochs} epochs, tta {cfg.train.tta}, torch threads {torch.get_num_threads()}", flush=True)

@@ -222,3 +222,25 @@ def test_denormals_benchmark_times_both_settings_and_restores_the_default(traine
     assert out["model"] == "cnn" and set(out["ms_per_step"]) == {"keep", "flush"}
     assert all(v > 0 for v in out["ms_per_step"].values())
     assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # flush-to-zero is off again afterwards
+
+
+def test_size_epochs_fills_the_minutes_and_keeps_the_warmup_share():
+    bench = _load_benchmark()
+    cfg = load_config(REPO / "configs" / "resnet18-gpu.yaml")  # 128 epochs, warm-up 25.6 (20%)
+    sized = bench.size_epochs(cfg, minutes=3.0, minutes_per_epoch=0.04)
+    assert sized.train.epochs == 75 and sized.train.val_every == 75
+    assert sized.optim.warmup_epochs == pytest.approx(15.0)
+    assert cfg.train.epochs == 128  # the input is left as it was
+    assert bench.size_epochs(cfg, minutes=1.0, minutes_per_epoch=5.0).train.epochs == 1  # never zero
+
+
+def test_time_to_accuracy_sizes_the_run_from_a_probe(small_folder, capsys):
+    bench = _load_benchmark()
+    over = tiny_overrides(small_folder, **{"model.hidden": None, "model.widths": "[8, 16, 16]", "train.epochs": 5,
+                                          "train.batch_size": 128, "optim.warmup_epochs": 1.0})
+    argv = [str(REPO / "configs" / "speedrun.yaml"), "--target", "0.05", "--epochs-for-minutes", "1e-6"]
+    summary = bench.main(argv + [a for o in over for a in ("--set", o)])
+    out = capsys.readouterr().out
+    assert "-> 1 epochs in 1e-06 min (train.epochs=1 optim.warmup_epochs=0.2)" in out
+    assert sum(1 for line in out.splitlines() if line.startswith("epoch ")) == 1
+    assert summary["train_minutes"] > 0

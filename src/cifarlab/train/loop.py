@@ -116,6 +116,9 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
     # before any checkpoint (see fit), so no weights from after a bad step are ever written.
     bad = torch.zeros((), device=rt.device, dtype=torch.int64)
     state.bad = bad
+    scaler = getattr(state, "scaler", None)  # one per run: fp16's loss scale carries over between epochs
+    if scaler is None:
+        scaler = state.scaler = rt.grad_scaler()
     bar = tqdm(total=len(batches), initial=state.step, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch",
                leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True)
     for step, x, y in batches.epoch(epoch, start_step=state.step):
@@ -134,11 +137,13 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
         else:
             bad.masked_fill_((bad == 0) & ~finite, step + 1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if t.grad_clip:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             apply_decoupled_wd(optimizer)
-            optimizer.step()
+            scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
+            scaler.update()
             if lookahead is not None:
                 lookahead.step(model, state.global_step + 1)
             if ema is not None and (state.global_step + 1) % t.ema_every == 0:

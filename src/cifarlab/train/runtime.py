@@ -26,6 +26,10 @@ class Runtime:
     def amp_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16, whose gradients underflow without it; a no-op for bf16 and fp32."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
