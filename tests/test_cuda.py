@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 
 def test_grad_scaler_only_for_fp16():
     for precision in ("fp32", "bf16"):
-        assert not Runtime(CPU, precision, False).grad_scaler().is_enabled()
+        assert not Runtime(CPU, precision, False).scaler.is_enabled()
 
 
 @needs_cuda
@@ -39,7 +39,7 @@ def test_auto_picks_cuda_and_half_precision():
     assert rt.device.type == "cuda"
     assert rt.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert rt.channels_last and not setup_runtime(TrainConfig(), "vit").channels_last
-    assert Runtime(rt.device, "fp16", False).grad_scaler().is_enabled()
+    assert Runtime(rt.device, "fp16", False).scaler.is_enabled()
 
 
 @needs_cuda

@@ -116,9 +116,7 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
     # before any checkpoint (see fit), so no weights from after a bad step are ever written.
     bad = torch.zeros((), device=rt.device, dtype=torch.int64)
     state.bad = bad
-    scaler = getattr(state, "scaler", None)  # one per run: fp16's loss scale carries over between epochs
-    if scaler is None:
-        scaler = state.scaler = rt.grad_scaler()
+    scaler = rt.scaler
     bar = tqdm(total=len(batches), initial=state.step, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch",
                leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True)
     for step, x, y in batches.epoch(epoch, start_step=state.step):

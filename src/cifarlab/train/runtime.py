@@ -7,7 +7,7 @@ import ctypes
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,14 +21,16 @@ class Runtime:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
+    # Loss scaling for fp16, whose gradients underflow without it; a no-op for bf16 and fp32. One per run,
+    # so fp16's loss scale carries over between epochs.
+    scaler: torch.amp.GradScaler = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """Loss scaling for fp16, whose gradients underflow without it; a no-op for bf16 and fp32."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def autocast(self):
         if self.amp_dtype is None:
