@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -172,7 +173,7 @@ def summarize(config: str, target: float, runs: list[dict]) -> dict:
 
 def probe(cfg: RunConfig, steps: int, n_train: int = 40000, n_test: int = 10000) -> dict:
     """Time ``steps`` training steps and one TTA evaluation on random uint8 images (no data set needed)."""
-    from cifarlab.data.augment import BatchAugment
+    from cifarlab.data.augment import BatchAugment, progressive_cost
     from cifarlab.train.loop import soft_cross_entropy, tta_logits
     from cifarlab.train.optim import apply_decoupled_wd, build_optimizer, build_scheduler
 
@@ -185,8 +186,10 @@ def probe(cfg: RunConfig, steps: int, n_train: int = 40000, n_test: int = 10000)
     model = build_model(cfg, 10).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # Timed at full size; progressive resizing's smaller epochs enter the run's estimate through their pixels.
+    full_size = dataclasses.replace(cfg.data, progressive_size=0)
     batches = DeviceBatches(x, y, t.batch_size, mean=[0.5] * 3, std=[0.25] * 3, device=rt.device, shuffle=True,
-                            drop_last=True, augment=BatchAugment(cfg.data, n, t.seed), channels_last=rt.channels_last)
+                            drop_last=True, augment=BatchAugment(full_size, n, t.seed), channels_last=rt.channels_last)
     if hasattr(model, "init_whitening"):
         model.init_whitening(batches.normalize(x[:1000].to(rt.device)))
     optimizer = build_optimizer(model, cfg.optim)
@@ -221,7 +224,8 @@ def probe(cfg: RunConfig, steps: int, n_train: int = 40000, n_test: int = 10000)
     return {"threads": torch.get_num_threads(), "precision": rt.precision, "batch_size": t.batch_size,
             "train_ms_per_image": 1e3 * wall / images, "train_cpu_ms_per_image": 1e3 * cpu / images,
             "images_per_second": images / wall, "minutes_per_epoch": epoch_min,
-            "cpu_minutes_per_epoch": n_train * cpu / images / 60, "run_minutes": epoch_min * t.epochs,
+            "cpu_minutes_per_epoch": n_train * cpu / images / 60,
+            "run_minutes": epoch_min * t.epochs * progressive_cost(cfg.data, t.epochs),
             "eval_minutes_per_epoch": n_test * ewall / 1000 / 60,
             "eval_cpu_minutes_per_epoch": n_test * ecpu / 1000 / 60}
 

@@ -244,3 +244,33 @@ def test_time_to_accuracy_sizes_the_run_from_a_probe(small_folder, capsys):
     assert "-> 1 epochs in 1e-06 min (train.epochs=1 optim.warmup_epochs=0.2)" in out
     assert sum(1 for line in out.splitlines() if line.startswith("epoch ")) == 1
     assert summary["train_minutes"] > 0
+
+
+def test_fit_with_progressive_resizing_trains_small_and_evaluates_full_size(small_folder, tmp_path):
+    from cifarlab.train import fit
+
+    cfg = load_config(REPO / "configs" / "speedrun.yaml", tiny_overrides(
+        small_folder, **{"model.hidden": None, "model.widths": "[8, 16, 16]", "train.epochs": 2,
+                         "train.batch_size": 128, "optim.warmup_epochs": 0.2, "train.val_every": 1,
+                         "data.progressive_size": 16, "data.progressive_until": 0.5}))
+    seen = []
+    summary = fit(cfg, tmp_path, "prog", quiet=True, on_epoch_end=lambda e, row: seen.append(row["val_acc"]))
+    assert len(seen) == 2 and all(0.0 <= a <= 1.0 for a in seen)  # validation at 32 px after a 16 px epoch
+    assert (Path(summary["run_dir"]) / "best.safetensors").exists()
+
+
+def test_probe_prices_progressive_resizing_by_its_pixels():
+    bench = _load_benchmark()
+    cfg = load_config(REPO / "configs" / "speedrun.yaml", ["train.device=cpu", "train.precision=fp32",
+                                                           "model.widths=[8, 16, 16]", "train.batch_size=32",
+                                                           "train.epochs=12"])
+    prog = load_config(REPO / "configs" / "speedrun.yaml", ["train.device=cpu", "train.precision=fp32",
+                                                            "model.widths=[8, 16, 16]", "train.batch_size=32",
+                                                            "train.epochs=12", "data.progressive_size=16"])
+    a, b = bench.probe(cfg, 3), bench.probe(prog, 3)
+    from cifarlab.data.augment import progressive_cost
+
+    ratio = progressive_cost(prog.data, 12)
+    assert ratio < 0.7
+    assert b["run_minutes"] == pytest.approx(b["minutes_per_epoch"] * 12 * ratio)
+    assert a["run_minutes"] == pytest.approx(a["minutes_per_epoch"] * 12)

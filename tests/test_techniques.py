@@ -361,3 +361,57 @@ def test_linear_schedule_is_a_triangle():
     assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
     assert all(a > b for a, b in zip(lrs[peak + 1:], lrs[peak + 2:]))
     assert lrs[-1] == pytest.approx(1.0 * (1 - 39 / 40))
+
+
+# ------------------------------------------------------------------ progressive resizing
+def test_progressive_size_schedule_and_cost():
+    from cifarlab.data.augment import progressive_cost, progressive_size
+
+    cfg = DataConfig(progressive_size=16, progressive_until=0.75)  # 16 -> 32 px over 9 of 12 epochs
+    sizes = [progressive_size(cfg, e, 12) for e in range(12)]
+    assert sizes == [16, 16, 16, 20, 20, 24, 24, 28, 28, 32, 32, 32]
+    cost = (3 * 16**2 + 2 * 20**2 + 2 * 24**2 + 2 * 28**2 + 3 * 32**2) / (12 * 32**2)
+    assert progressive_cost(cfg, 12) == pytest.approx(cost)  # ~0.60: 12 epochs for the pixels of 7.2
+    assert progressive_cost(DataConfig(), 12) == 1.0
+    assert [progressive_size(DataConfig(), e, 12) for e in (0, 11)] == [32, 32]  # off: full size
+
+
+def test_device_batches_downscale_the_epochs_of_progressive_resizing():
+    from cifarlab.data.loader import DeviceBatches
+
+    cfg = DataConfig(progressive_size=16, progressive_until=0.5, flip="random")
+    n = 32
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    x[:, :, :, :16] = 200  # left half bright, right half dark: downscaling keeps the halves apart
+    x[:, :, :, 16:] = 20
+    batches = DeviceBatches(x, torch.zeros(n, dtype=torch.int64), 16, mean=[0.5] * 3, std=[0.25] * 3,
+                            device="cpu", augment=BatchAugment(DataConfig(progressive_size=16, progressive_until=0.5),
+                                                               n, 0, epochs=4))
+    shapes = [[tuple(xb.shape) for _, xb, _ in batches.epoch(e)] for e in range(4)]
+    assert shapes[0] == [(16, 3, 16, 16)] * 2 and shapes[1] == [(16, 3, 24, 24)] * 2
+    assert shapes[2] == shapes[3] == [(16, 3, 32, 32)] * 2
+    _, small, _ = next(batches.epoch(0))
+    full = batches.normalize(x[:16])
+    # the image downscaled, not cropped: both halves survive, each at its own value away from the edge
+    # between them, and the antialiasing filter keeps the mean
+    assert torch.allclose(small[..., :6], full[..., :16, :6], atol=1e-4)
+    assert torch.allclose(small[..., 10:], full[..., :16, -6:], atol=1e-4)
+    assert torch.allclose(small.mean((2, 3)), full.mean((2, 3)), atol=1e-3)
+    with pytest.raises(ValueError, match="epochs"):
+        BatchAugment(cfg, n, 0)
+
+
+def test_progressive_resizing_is_refused_for_fixed_size_models():
+    from cifarlab.config import RunConfig
+    from cifarlab.errors import ConfigError
+
+    for name in ("cnn", "vit"):
+        cfg = RunConfig()
+        cfg.model.name = name
+        cfg.data.progressive_size = 16
+        with pytest.raises(ConfigError, match="progressive_size"):
+            cfg.validate()
+    cfg = RunConfig()
+    cfg.model.name = "resnet18"
+    cfg.data.progressive_size = 16
+    cfg.validate()

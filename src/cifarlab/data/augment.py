@@ -80,11 +80,37 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(mask, 0.0)
 
 
-class BatchAugment:
-    """Applies the configured augmentations to a float batch in [0, 1] (before normalization)."""
+def progressive_size(cfg: DataConfig, epoch: int, epochs: int) -> int:
+    """Side in pixels of the training images in ``epoch`` (0-based) of ``epochs`` under progressive resizing.
 
-    def __init__(self, cfg: DataConfig, n_images: int, seed: int):
+    Linear from ``cfg.progressive_size`` at epoch 0 to ``cfg.image_size`` at ``progressive_until * epochs``,
+    rounded down to a multiple of 4 pixels (never below the start); full size from there on.
+    """
+    start, full = cfg.progressive_size, cfg.image_size
+    ramp = cfg.progressive_until * epochs
+    if not start or start >= full or epoch >= ramp:
+        return full
+    size = start + (full - start) * epoch / ramp
+    return max(start, min(full, int(size) // 4 * 4))
+
+
+def progressive_cost(cfg: DataConfig, epochs: int) -> float:
+    """The run's pixels per training image relative to full size (1.0 when progressive resizing is off):
+    a conv net's compute, and roughly its time, scale with it."""
+    return sum((progressive_size(cfg, e, epochs) / cfg.image_size) ** 2 for e in range(epochs)) / epochs
+
+
+class BatchAugment:
+    """Applies the configured augmentations to a float batch in [0, 1] (before normalization).
+
+    ``epochs`` (the run's length) is needed only for progressive resizing (``size``).
+    """
+
+    def __init__(self, cfg: DataConfig, n_images: int, seed: int, epochs: int | None = None):
         self.cfg = cfg
+        self.epochs = epochs
+        if cfg.progressive_size and epochs is None:
+            raise ValueError("progressive resizing needs the run's number of epochs")
         # Alternating flip: a fixed random half of the images is flipped on even epochs, the other half on odd.
         g = torch.Generator().manual_seed(seed + 7919)
         self.flip_base = torch.rand(n_images, generator=g) < 0.5
@@ -109,6 +135,12 @@ class BatchAugment:
         if c.trivial_augment:  # after crop and flip, as in torchvision's CIFAR recipes
             x = trivial_augment_wide(x, gen)
         return x
+
+    def size(self, epoch: int) -> int:
+        """Training image side for ``epoch`` (``image_size`` unless progressive resizing is on)."""
+        if not self.cfg.progressive_size:
+            return self.cfg.image_size
+        return progressive_size(self.cfg, epoch, self.epochs)
 
     def post_normalize(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Cutout fills with 0 after normalization, i.e. with the data set's mean colour."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .augment import BatchAugment
 
@@ -66,6 +67,7 @@ class DeviceBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield (step, images, labels) for one epoch, starting at ``start_step``."""
         perm = self.order(epoch)
+        size = self.augment.size(epoch) if self.augment is not None else None
         for step in range(start_step, len(self)):
             idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
             xb = self.x[idx]
@@ -75,6 +77,8 @@ class DeviceBatches:
                 xb = self.augment.post_normalize(xb * 255.0 * self.scale + self.shift, gen)
             else:
                 xb = self.normalize(xb)
+            if size is not None and size != xb.shape[-1]:  # progressive resizing: a downscaled epoch
+                xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield step, xb, self.y[idx]

@@ -343,7 +343,7 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_params = count_parameters(model)
-    augment = BatchAugment(cfg.data, len(data.train_x), t.seed)
+    augment = BatchAugment(cfg.data, len(data.train_x), t.seed, epochs=t.epochs)
     train_batches = DeviceBatches(data.train_x, data.train_y, t.batch_size, mean=data.mean, std=data.std,
                                   device=rt.device, shuffle=True, drop_last=len(data.train_x) >= t.batch_size,
                                   augment=augment, seed=t.seed, channels_last=rt.channels_last,
