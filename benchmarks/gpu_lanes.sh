@@ -13,6 +13,7 @@
 # Blank lines and lines starting with # are skipped. Each run has at most what is left of the budget
 # (`timeout`); a lane stops when under 20 s are left. Per run, OUT_DIR gets NAME.log and NAME.metrics.csv;
 # OUT_DIR/summary.txt gets one line per run: its exit status, wall seconds and the log's last line (the JSON).
+# At the end the logs and metrics are packed into OUT_DIR/runs.tar.gz, beside summary.txt.
 # Plans measured with it: benchmarks/plans/, results in benchmarks/README.md.
 set -u
 PLAN=${1:?usage: gpu_lanes.sh PLAN DATA_DIR OUT_DIR [BUDGET_SECONDS]}
@@ -69,3 +70,5 @@ done
 wait
 echo "done at $(elapsed) s" >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
+# One archive of the logs and metrics: a device tool that returns only a few files still returns them all.
+(cd "$OUT" && tar czf runs.tar.gz --exclude runs.tar.gz -- *.log *.csv 2>/dev/null && rm -f -- *.log *.csv)

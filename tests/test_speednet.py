@@ -226,11 +226,11 @@ def test_denormals_benchmark_times_both_settings_and_restores_the_default(traine
 
 def test_size_epochs_fills_the_minutes_and_keeps_the_warmup_share():
     bench = _load_benchmark()
-    cfg = load_config(REPO / "configs" / "resnet18-gpu.yaml")  # 128 epochs, warm-up 25.6 (20%)
+    cfg = load_config(REPO / "configs" / "resnet18-gpu.yaml")  # 192 epochs, warm-up 38.4 (20%)
     sized = bench.size_epochs(cfg, minutes=3.0, minutes_per_epoch=0.04)
     assert sized.train.epochs == 75 and sized.train.val_every == 75
     assert sized.optim.warmup_epochs == pytest.approx(15.0)
-    assert cfg.train.epochs == 128  # the input is left as it was
+    assert cfg.train.epochs == 192  # the input is left as it was
     assert bench.size_epochs(cfg, minutes=1.0, minutes_per_epoch=5.0).train.epochs == 1  # never zero
 
 
@@ -274,3 +274,27 @@ def test_probe_prices_progressive_resizing_by_its_pixels():
     assert ratio < 0.7
     assert b["run_minutes"] == pytest.approx(b["minutes_per_epoch"] * 12 * ratio)
     assert a["run_minutes"] == pytest.approx(a["minutes_per_epoch"] * 12)
+
+
+def test_jpeg_reencode_loses_more_at_lower_quality_and_keeps_shapes():
+    bench = _load_benchmark("jpeg_sensitivity")
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=g), size=32, mode="bilinear")
+    x = (smooth * 255).round().to(torch.uint8)  # smooth images, like photos: JPEG's good case
+    err = {}
+    for q, sub in ((95, 0), (75, 2), (20, 2)):
+        y = bench.reencode(x, q, sub)
+        assert y.shape == x.shape and y.dtype == torch.uint8
+        err[q] = (y.float() - x.float()).abs().mean().item()
+    assert 0 < err[95] < err[75] < err[20]
+
+
+def test_jpeg_sensitivity_end_to_end(small_folder, capsys):
+    bench = _load_benchmark("jpeg_sensitivity")
+    out = bench.main(["configs/speedrun.yaml", "--qualities", "30", "--data", str(small_folder), "--set",
+                      "model.widths=[8, 16, 16]", "--set", "data.train_size=400", "--set", "data.val_size=200",
+                      "--set", "train.epochs=1", "--set", "train.batch_size=128", "--set", "train.device=cpu",
+                      "--set", "train.precision=fp32", "--set", "optim.warmup_epochs=0.2"])
+    assert set(out["acc"]) == {"stored", "q95-444", "q30"}
+    assert out["drop_points"]["q30"] == pytest.approx(100 * (out["acc"]["stored"] - out["acc"]["q30"]), abs=0.01)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out

@@ -224,11 +224,9 @@ class RunConfig:
         _check(t.nan_policy in ("stop", "skip-batch"), "train.nan_policy", t.nan_policy, "must be stop or skip-batch")
         _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
 
-        from .models import validate_model_params  # late import: models import torch
+        from .models import model_defaults, validate_model_params  # late import: models import torch
 
         m.params = validate_model_params(m.name, m.params, image_size=d.image_size)
-        from .models import model_defaults
-
         # A builder that takes image_size makes a model fixed to it (the CNN's flatten, the ViT's positions).
         _check(not (d.progressive_size and d.progressive_size < d.image_size and "image_size" in model_defaults(m.name)),
                "data.progressive_size", d.progressive_size,
