@@ -228,7 +228,8 @@ class RunConfig:
 
         m.params = validate_model_params(m.name, m.params, image_size=d.image_size)
         # A builder that takes image_size makes a model fixed to it (the CNN's flatten, the ViT's positions).
-        _check(not (d.progressive_size and d.progressive_size < d.image_size and "image_size" in model_defaults(m.name)),
+        fixed_size = "image_size" in model_defaults(m.name)
+        _check(not (d.progressive_size and d.progressive_size < d.image_size and fixed_size),
                "data.progressive_size", d.progressive_size,
                f"needs a model that takes any image size (resnet18, speednet); {m.name} is built for data.image_size")
         return self
