@@ -48,12 +48,7 @@ stage() {
 
 stage env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
   $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name())'"
-stage data 60 $PY -c "
-import time; t = time.perf_counter()
-from cifarlab.config import DataConfig
-from cifarlab.data import load_data
-d = load_data(DataConfig(path='$DATA'))
-print(len(d.train_x), 'train', len(d.val_x), 'val', len(d.test_x), 'test, decoded in', round(time.perf_counter() - t, 1), 's')"
+stage data 60 $PY benchmarks/decode_data.py "$DATA"
 stage tests 90 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider
 stage resnet18 $(( ${RESNET_MIN%.*} * 60 + 110 )) $PY benchmarks/time_to_accuracy.py configs/resnet18-gpu.yaml \
     --data "$DATA" --target 0.95 --epochs-for-minutes "$RESNET_MIN" --eval-every 10 --out "$RUNS"

@@ -32,13 +32,7 @@ elapsed() { echo $(( $(date +%s) - START )); }
 runs_of() { grep -v '^[[:space:]]*#' "$PLAN" | awk -v lane="$1" 'NF && $1 == lane'; }
 
 # Decode the images once; every run after this reads the decoded cache.
-$PY -c "
-import time; t = time.perf_counter()
-from cifarlab.config import DataConfig
-from cifarlab.data import load_data
-d = load_data(DataConfig(path='$DATA'))
-print(len(d.train_x), 'train', len(d.val_x), 'val', len(d.test_x), 'test, decoded in', round(time.perf_counter() - t, 1), 's')
-" 2>&1 | tail -n 1 | tee "$OUT/data.log"
+$PY benchmarks/decode_data.py "$DATA" 2>&1 | tail -n 1 | tee "$OUT/data.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/env.log"
 
 lane() {
