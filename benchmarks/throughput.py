@@ -380,8 +380,8 @@ class CifarlabSide:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.batches = DeviceBatches(data.train_x, data.train_y, t.batch_size, mean=data.mean, std=data.std,
                                      device=self.rt.device, shuffle=True, drop_last=True,
-                                     augment=BatchAugment(cfg.data, len(data.train_x), t.seed, epochs=t.epochs), seed=t.seed,
-                                     channels_last=self.rt.channels_last)
+                                     augment=BatchAugment(cfg.data, len(data.train_x), t.seed, epochs=t.epochs),
+                                     seed=t.seed, channels_last=self.rt.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler, self.per_step = build_scheduler(self.optimizer, cfg.optim, t.epochs, len(self.batches))
         self.train_model = maybe_compile(self.model, t.compile)

@@ -87,8 +87,7 @@ def progressive_size(cfg: DataConfig, epoch: int, epochs: int) -> int:
     rounded down to a multiple of 4 pixels (never below the start); full size from there on.
     """
     start, full = cfg.progressive_size, cfg.image_size
-    ramp = cfg.progressive_until * epochs
-    if not start or start >= full or epoch >= ramp:
+    if not start or start >= full or epoch >= (ramp := cfg.progressive_until * epochs):
         return full
     size = start + (full - start) * epoch / ramp
     return max(start, min(full, int(size) // 4 * 4))
@@ -138,8 +137,6 @@ class BatchAugment:
 
     def size(self, epoch: int) -> int:
         """Training image side for ``epoch`` (``image_size`` unless progressive resizing is on)."""
-        if not self.cfg.progressive_size:
-            return self.cfg.image_size
         return progressive_size(self.cfg, epoch, self.epochs)
 
     def post_normalize(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
