@@ -137,11 +137,11 @@ def test_damaged_archive_of_another_name(tmp_path, capsys):
     (["data.augment_p=1.5"], "data.augment_p=1.5 must be in [0, 1]"),
     (["data.augment_p=-0.1"], "data.augment_p=-0.1 must be in [0, 1]"),
     (["train.nan_policy=ignore"], "train.nan_policy='ignore' must be stop or skip-batch"),
-    (["model.name=vit", "model.patch_size=5"], "model.patch_size=5 must divide the image size 32"),
+    (["model.name=vit", "model.patch_size=5", "data.image_size=32"], "model.patch_size=5 must divide the image size 32"),
     (["model.name=vit", "model.num_heads=0"], "model.num_heads*model.head_dim"),
     (["model.name=vit", "model.head_dim=0"], "model.num_heads*model.head_dim"),
     (["model.name=vit", "model.num_heads=-2", "model.head_dim=-3"], "model.num_heads*model.head_dim"),
-    (["model.name=vit", "model.image_size=64"], "model.image_size=64 differs from data.image_size=32"),
+    (["model.name=vit", "model.image_size=64", "data.image_size=32"], "model.image_size=64 differs from data.image_size=32"),
     (["model.name=nope"], "unknown model 'nope'"),
     (["train.device=tpu"], "train.device='tpu'"),
 ])

@@ -42,9 +42,17 @@ def test_data_overview_counts_stats_and_grids(small_folder, tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 3
 
 
-def test_data_overview_of_a_split_larger_than_the_data(small_folder, tmp_path, capsys):
-    # Default sizes (40000 + 10000) exceed the 600 images: still an overview, with a warning.
+def test_data_overview_default_split_fits_the_data(small_folder, tmp_path):
+    # The default validation split is a fraction (0.2) of the training images, whatever their number.
     assert main_exit(["data", "--data", str(small_folder), "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "data.json").read_text())
+    assert info["counts"] == {"train": [48] * 10, "validation": [12] * 10, "test": [20] * 10}
+    assert info["carved"] == ["val"] and info["warnings"] == []
+
+
+def test_data_overview_of_a_split_larger_than_the_data(small_folder, tmp_path, capsys):
+    # A validation count larger than the 600 images: still an overview, with a warning.
+    assert main_exit(["data", "--data", str(small_folder), "--out", str(tmp_path), "--set", "data.val_size=10000"]) == 0
     info = json.loads((tmp_path / "data.json").read_text())
     assert info["counts"] == {"train": [60] * 10, "test": [20] * 10}
     assert info["warnings"] and "warning" in capsys.readouterr().err

@@ -110,7 +110,7 @@ def test_fuzz_image_folder(tmp_path_factory):
                     (root / split / f"c{c}" / f"{i}.{ext}").write_bytes(data)
         n = sum(len(f) for f in classes)
         try:
-            data = load_data(DataConfig(path=str(root), train_size=n, val_size=0, skip_bad_images=skip))
+            data = load_data(DataConfig(path=str(root), image_size=32, train_size=n, val_size=0, skip_bad_images=skip))
         except CifarlabError:
             outcomes["error"] += 1
             return

@@ -25,11 +25,15 @@ from .errors import ConfigError
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # image folder, archive (.tar.gz / cifar-10-batches-py) or None: $CIFARLAB_DATA, else download
-    image_size: int = 32  # pixels; images of another size are resized to this
-    train_size: int = 40000  # images of the 50k training set used for training (stratified subset when smaller)
-    val_size: int = 10000  # images held out of the training set for validation
-    seed: int = 0  # seed of the train/validation split
+    # a data set name (cifar10, cifar100, mnist, ...), an image folder, an archive or None: $CIFARLAB_DATA, else cifar10
+    path: str | None = None
+    labels: str | None = None  # CSV of image paths and labels (and optionally splits) under data.path
+    image_size: int | None = None  # pixels; None: the images' own size; images of another size are resized to it
+    train_size: int | None = None  # at most this many training images (a stratified subset); None: all the rest
+    val_size: int | None = None  # images held out of the training set for validation (a count; overrides the fraction)
+    val_fraction: float = 0.2  # of the training images, held out for validation where no val split is given
+    test_fraction: float = 0.2  # of all images, held out for testing where the source gives no test split
+    seed: int = 0  # seed of the train/validation (and carved test) split
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of failing
     # Study augmentation: with probability augment_p an image gets flip + rotation + random resized crop.
     augment_p: float = 0.0  # probability, 0..1
@@ -86,6 +90,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (compile time is reported)
     num_threads: int = 0  # torch intra-op threads, 0 = all cores
     label_smoothing: float = 0.0
+    class_weights: str = "none"  # none | balanced: weight the loss by inverse class frequency (imbalanced data)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     ema_every: int = 1  # steps between EMA updates
     lookahead: float = 0.0  # airbench's lookahead: per-step decay of the slow weights (0 = off; airbench 0.95)
@@ -176,17 +181,20 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Check ranges and cross-field rules; raises ConfigError naming the key."""
         d, m, o, t = self.data, self.model, self.optim, self.train
-        _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
-        _check(d.train_size >= 1, "data.train_size", d.train_size, "must be >= 1")
-        _check(d.val_size >= 0, "data.val_size", d.val_size, "must be >= 0")
+        size = d.image_size if d.image_size is not None else 1 << 30  # None: checked again once the data tell it
+        _check(size >= 8, "data.image_size", d.image_size, "must be >= 8")
+        _check(d.train_size is None or d.train_size >= 1, "data.train_size", d.train_size, "must be >= 1")
+        _check(d.val_size is None or d.val_size >= 0, "data.val_size", d.val_size, "must be >= 0")
+        _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+        _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
         _check(0.0 <= d.augment_p <= 1.0, "data.augment_p", d.augment_p, "must be in [0, 1]")
         _check(0.0 <= d.rotation <= 180.0, "data.rotation", d.rotation, "must be in [0, 180] degrees")
         _pair(d.crop_scale, "data.crop_scale", lo=0.0, hi=1.0)
         _pair(d.crop_ratio, "data.crop_ratio", lo=0.0, hi=math.inf)
         _check(d.flip in ("none", "random", "alternating"), "data.flip", d.flip, "must be none, random or alternating")
-        _check(0 <= d.translate < d.image_size, "data.translate", d.translate, "must be in [0, image_size)")
-        _check(0 <= d.cutout <= d.image_size, "data.cutout", d.cutout, "must be in [0, image_size]")
-        _check(d.progressive_size == 0 or 8 <= d.progressive_size <= d.image_size, "data.progressive_size",
+        _check(0 <= d.translate < size, "data.translate", d.translate, "must be in [0, image_size)")
+        _check(0 <= d.cutout <= size, "data.cutout", d.cutout, "must be in [0, image_size]")
+        _check(d.progressive_size == 0 or 8 <= d.progressive_size <= size, "data.progressive_size",
                d.progressive_size, "must be 0 (off) or in [8, image_size]")
         _check(0 < d.progressive_until <= 1, "data.progressive_until", d.progressive_until, "must be in (0, 1]")
         _check(d.mixup >= 0 and d.cutmix >= 0, "data.mixup/cutmix", (d.mixup, d.cutmix), "must be >= 0")
@@ -214,6 +222,8 @@ class RunConfig:
                "must be auto, cpu, cuda or cuda:N")
         _check(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
         _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
+        _check(t.class_weights in ("none", "balanced"), "train.class_weights", t.class_weights,
+               "must be none or balanced")
         _check(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1)")
         _check(t.ema_every >= 1, "train.ema_every", t.ema_every, "must be >= 1")
         _check(0 <= t.lookahead < 1, "train.lookahead", t.lookahead, "must be in [0, 1)")
@@ -229,7 +239,7 @@ class RunConfig:
         m.params = validate_model_params(m.name, m.params, image_size=d.image_size)
         # A builder that takes image_size makes a model fixed to it (the CNN's flatten, the ViT's positions).
         fixed_size = "image_size" in model_defaults(m.name)
-        _check(not (d.progressive_size and d.progressive_size < d.image_size and fixed_size),
+        _check(not (d.progressive_size and d.progressive_size < size and fixed_size),
                "data.progressive_size", d.progressive_size,
                f"needs a model that takes any image size (resnet18, speednet); {m.name} is built for data.image_size")
         return self

@@ -64,3 +64,19 @@ class Accuracy:
         overall = float(correct.sum()) / n if n else float("nan")
         per_class = [float(c) / float(t) if t else float("nan") for c, t in zip(correct, total)]
         return {"accuracy": overall, "per_class": per_class, "count": n}
+
+
+def summary_scores(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict:
+    """Scores that stay honest under class imbalance and many classes, from test logits (N, C):
+    balanced accuracy (the mean of the per-class recalls), macro F1, and top-5 accuracy where C > 10."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_score
+
+    y = targets.cpu().numpy()
+    scores = logits.float().cpu().numpy()
+    pred = scores.argmax(1)
+    ks = list(range(num_classes))
+    out = {"balanced_acc": float(balanced_accuracy_score(y, pred)),
+           "macro_f1": float(f1_score(y, pred, labels=ks, average="macro", zero_division=0))}
+    if num_classes > 10:
+        out["top5_acc"] = float(top_k_accuracy_score(y, scores, k=5, labels=ks))
+    return out

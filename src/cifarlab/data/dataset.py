@@ -1,8 +1,8 @@
-"""Resolve the source, split train/validation, compute normalization, hold tensors."""
+"""Resolve the source, plan the train / validation / test splits, compute normalization, hold tensors."""
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,11 +10,9 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from ..config import DataConfig
-from ..errors import DataError
-from . import folder
-from .cache import cached, fingerprint
-from .sources import RawData, cache_dir
+from ..config import DataConfig, RunConfig
+from ..errors import ConfigError, DataError
+from .sources import RawData, find_source
 
 
 @dataclass
@@ -38,71 +36,56 @@ class CifarData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
 
 def resolve_source(path: str | None) -> tuple[str, Path | None]:
-    """Return (kind, path): kind is 'folder', 'archive' or 'download'."""
-    path = path or os.environ.get("CIFARLAB_DATA") or None
-    if path is None:
-        from .archive import ARCHIVE_NAME
-
-        local = cache_dir() / ARCHIVE_NAME
-        return ("archive", local) if local.exists() else ("download", None)
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"data path not found: {p} (pass --data PATH: an image folder with train/ and test/, "
-                        f"cifar-10-python.tar.gz or cifar-10-batches-py/)")
-    if p.is_dir() and folder.is_image_folder(p):
-        return "folder", p
-    if p.is_file() and p.name.endswith((".tar.gz", ".tgz")):
-        return "archive", p
-    if p.is_dir() and ((p / "data_batch_1").exists() or (p / "cifar-10-batches-py").is_dir()):
-        return "archive", p
-    if p.is_dir() and not any(p.iterdir()):
-        raise DataError(f"data folder is empty: {p}")
-    raise DataError(f"{p} is neither an image folder (train/<class>, test/<class>) nor a CIFAR-10 archive")
+    """Return (kind, path) for a ``--data`` value: kind is 'named', 'archive', 'folder', 'labels' or 'download'."""
+    src = find_source(DataConfig(path=path))
+    return src.kind, src.path
 
 
 def load_raw(cfg: DataConfig) -> RawData:
-    kind, path = resolve_source(cfg.path)
-    if kind == "download":
-        from .archive import download
-
-        path = download()
-        kind = "archive"
-    assert path is not None
-    if kind == "archive":
-        from .archive import ARCHIVE_NAME, load_archive
-
-        st = path.stat()
-        fp = fingerprint([(str(path.resolve()), st.st_size, st.st_mtime_ns)], kind="archive",
-                         size=cfg.image_size)
-        # A file with the official name must be the official file: its md5 (~0.5 s) is checked whenever it is
-        # decoded, i.e. once per new or changed file (a decoded cache hit skips it). Other names are own archives.
-        official = path.is_file() and path.name == ARCHIVE_NAME
-        raw = cached(path, fp, lambda: load_archive(path, verify_md5=official))
-        if raw.train_x.shape[1] != cfg.image_size:
-            raw = _resize(raw, cfg.image_size)
-        return raw
-    classes, files = folder.list_folder(path)
-    fp = fingerprint(folder.fingerprint_entries(files), kind="folder", size=cfg.image_size, skip=cfg.skip_bad_images)
-    return cached(path, fp, lambda: folder.load_folder(path, cfg.image_size, cfg.skip_bad_images))
+    """Decode (or load from the cache) the source ``cfg`` names, at ``cfg.image_size`` when set."""
+    raw = find_source(cfg).load(cfg)
+    size = raw.train_x.shape[1]
+    if cfg.image_size is not None and (size != cfg.image_size or raw.train_x.shape[2] != cfg.image_size):
+        raw = _resize(raw, cfg.image_size)
+    return raw
 
 
 def _resize(raw: RawData, size: int) -> RawData:
     import torch.nn.functional as F
 
-    def r(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x).permute(0, 3, 1, 2).float()
-        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    def r(x: np.ndarray | None) -> np.ndarray | None:
+        if x is None:
+            return None
+        out = np.empty((len(x), size, size, 3), np.uint8)
+        for i in range(0, len(x), 4096):  # in chunks: the source may be a memory map larger than memory
+            t = torch.from_numpy(np.array(x[i:i + 4096])).permute(0, 3, 1, 2).float()  # a writable copy
+            t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out[i:i + 4096] = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return out
 
-    return RawData(r(raw.train_x), raw.train_y, r(raw.test_x), raw.test_y, raw.classes, raw.source, raw.skipped)
+    return dataclasses.replace(raw, train_x=r(raw.train_x), test_x=r(raw.test_x), val_x=r(raw.val_x))
 
 
-def split_indices(labels: np.ndarray, train_size: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified(idx: np.ndarray, labels: np.ndarray, n: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, picked): ``n`` of ``idx`` drawn stratified by ``labels`` (one per index), seeded."""
+    try:
+        rest, picked = train_test_split(idx, test_size=n, stratify=labels, random_state=seed)
+    except ValueError as e:  # a class with a single image cannot be stratified
+        raise DataError(f"cannot carve a stratified {what} of {n} from {len(idx)} images ({e})") from None
+    return rest, picked
+
+
+def split_indices(labels: np.ndarray, train_size: int | None, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded train/validation split of the training set's indices.
 
-    ``train_size`` is an upper bound: a smaller data set trains on all images not held out for validation.
+    ``train_size`` is an upper bound (None: no bound): a smaller data set trains on all images not held out
+    for validation.
     """
     n = len(labels)
     idx = np.arange(n)
@@ -115,14 +98,53 @@ def split_indices(labels: np.ndarray, train_size: int, val_size: int, seed: int)
     else:
         if val_size < n_classes:
             raise DataError(f"data.val_size={val_size} must be 0 or at least the number of classes ({n_classes})")
-        rest, val = train_test_split(idx, test_size=val_size, stratify=labels, random_state=seed)
-    if train_size < len(rest):
+        rest, val = _stratified(idx, labels, val_size, seed, "validation split")
+    if train_size is not None and train_size < len(rest):
         if train_size < n_classes:
             raise DataError(f"data.train_size={train_size} must be at least the number of classes ({n_classes})")
         train, _ = train_test_split(rest, train_size=train_size, stratify=labels[rest], random_state=seed)
     else:
         train = rest
     return np.sort(train), np.sort(val)
+
+
+@dataclass
+class SplitPlan:
+    """Which images each split takes: (array, indices into it, labels) per split."""
+
+    train: tuple[np.ndarray, np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray, np.ndarray]
+    carved: list[str]  # the splits cut from the source's training images (for the data overview)
+
+
+def plan_splits(raw: RawData, cfg: DataConfig) -> SplitPlan:
+    """Test: the source's own, else ``data.test_fraction`` of its images (stratified, ``data.seed``).
+    Validation: the source's own, else ``data.val_size`` images or ``data.val_fraction`` of the rest.
+    Train: the rest, at most ``data.train_size`` (a stratified subset)."""
+    carved = []
+    pool = np.arange(len(raw.train_y))
+    if raw.test_x is None:
+        n_test = max(int(round(cfg.test_fraction * len(pool))), len(raw.classes))
+        pool, test_idx = _stratified(pool, raw.train_y, n_test, cfg.seed, f"test split (data.test_fraction="
+                                                                          f"{cfg.test_fraction:g})")
+        pool, test_idx = np.sort(pool), np.sort(test_idx)
+        test = (raw.train_x, test_idx, raw.train_y[test_idx])
+        carved.append("test")
+    else:
+        test = (raw.test_x, np.arange(len(raw.test_y)), np.asarray(raw.test_y))
+    if raw.val_x is not None:
+        val = (raw.val_x, np.arange(len(raw.val_y)), np.asarray(raw.val_y))
+        tr, _ = split_indices(raw.train_y[pool], cfg.train_size, 0, cfg.seed)
+    else:
+        n_val = cfg.val_size
+        if n_val is None:  # a fraction; at least one image per class, as a stratified split needs
+            n_val = max(int(round(cfg.val_fraction * len(pool))), len(raw.classes)) if cfg.val_fraction else 0
+        tr, va = split_indices(raw.train_y[pool], cfg.train_size, n_val, cfg.seed)
+        val = (raw.train_x, pool[va], raw.train_y[pool[va]])
+        carved.append("val")
+    train = (raw.train_x, pool[tr], raw.train_y[pool[tr]])
+    return SplitPlan(train, val, test, carved)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -138,20 +160,43 @@ def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
     return mean, std
 
 
+def _take(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's images as one (N, 3, H, W) uint8 tensor, gathered in chunks (the source may be a memory map)."""
+    x, idx, y = part
+    out = torch.empty((len(idx), x.shape[3], x.shape[1], x.shape[2]), dtype=torch.uint8)
+    for i in range(0, len(idx), 4096):
+        chunk = np.ascontiguousarray(x[idx[i:i + 4096]])  # a copy: writable, owned
+        out[i:i + len(chunk)] = torch.from_numpy(chunk).permute(0, 3, 1, 2)  # NHWC -> NCHW
+    return out, torch.from_numpy(np.array(y, np.int64))
+
+
 def load_data(cfg: DataConfig) -> CifarData:
     """Load (from cache when possible), split and normalize a data set as described by ``cfg``."""
     raw = load_raw(cfg)
-    train_idx, val_idx = split_indices(raw.train_y, cfg.train_size, cfg.val_size, cfg.seed)
-
-    def t(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
-
-    train_x = t(raw.train_x[train_idx])
+    plan = plan_splits(raw, cfg)
+    train_x, train_y = _take(plan.train)
+    val_x, val_y = _take(plan.val)
+    test_x, test_y = _take(plan.test)
     # Statistics of the training split only, so validation and test never leak into preprocessing.
     mean, std = channel_stats(train_x)
-    return CifarData(
-        train_x=train_x, train_y=torch.from_numpy(raw.train_y[train_idx]),
-        val_x=t(raw.train_x[val_idx]), val_y=torch.from_numpy(raw.train_y[val_idx]),
-        test_x=t(raw.test_x), test_y=torch.from_numpy(raw.test_y),
-        classes=list(raw.classes), mean=mean, std=std, source=raw.source, skipped=raw.skipped,
-    )
+    return CifarData(train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
+                     classes=list(raw.classes), mean=mean, std=std, source=raw.source, skipped=raw.skipped,
+                     info={**raw.info, "carved": plan.carved})
+
+
+def apply_data_defaults(cfg: RunConfig, data: CifarData) -> RunConfig:
+    """Fill what the config left to the data (``data.image_size``) and validate again with it.
+
+    A model built for one size (a builder taking ``image_size``) refuses a data set of mixed sizes unless
+    ``data.image_size`` says which size to resize to: there is no size that is right for it.
+    """
+    if cfg.data.image_size is None:
+        from ..models import model_defaults
+
+        if data.info.get("mixed_sizes") and "image_size" in model_defaults(cfg.model.name):
+            sizes = ", ".join(list(data.info.get("sizes", {}))[:4])
+            raise ConfigError(f"the images have mixed sizes ({sizes}, ...) and {cfg.model.name} is built for one "
+                              f"size: set data.image_size (e.g. --set data.image_size={data.image_size})")
+        cfg.data.image_size = data.image_size
+        cfg.validate()
+    return cfg

@@ -1,4 +1,7 @@
-"""Image-folder source: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``.
+"""Image-folder source: ``ROOT/<class>/*``, ``ROOT/train/<class>/*`` with ``test/`` and/or ``val/`` beside it.
+
+Split folders are found by their usual spellings (``train``/``training``, ``val``/``valid``/``validation``,
+``test``/``testing``, any case); classes are the training folder's subfolders in sorted order.
 
 Any format Pillow reads; grayscale, RGBA, palette and other sizes are converted
 to RGB at the configured size. Decoding runs once in a process pool and the
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -17,51 +21,92 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import DataError
-from .sources import RawData
+from .sources import RawData, Source, register_source
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+
+
+def _subdirs(path: Path) -> list[str]:
+    return sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
+
+
+def _has_images(path: Path) -> bool:
+    return any(e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTS for e in os.scandir(path))
+
+
+def detect_layout(root: Path) -> dict[str, Path] | None:
+    """The split folders of an image folder: {'train': ..., 'val': ..., 'test': ...} as present, or
+    {'all': root} for ``ROOT/<class>/*`` with no split given; None when ``root`` is no image folder."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    names = {n.lower(): n for n in _subdirs(root)}
+    found = {}
+    for split, spellings in SPLIT_NAMES.items():
+        for s in spellings:
+            if s in names:
+                found[split] = root / names[s]
+                break
+    if "train" in found:
+        return found
+    if found:  # val/ or test/ but no train/: not a layout we can train from
+        return None
+    if names and any(_has_images(root / n) for n in names.values()):
+        return {"all": root}
+    return None
+
+
 def is_image_folder(path: Path) -> bool:
-    return (path / "train").is_dir() and (path / "test").is_dir()
+    return detect_layout(Path(path)) is not None
+
+
+def _list_split(d: Path, classes: list[str], split: str, required: bool) -> list[tuple[Path, int]]:
+    items = []
+    for label, cls in enumerate(classes):
+        cd = d / cls
+        if not cd.is_dir():
+            if required:
+                raise DataError(f"class folder missing: {cd}")
+            continue
+        imgs = sorted(e.path for e in os.scandir(cd) if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTS)
+        if not imgs and required:
+            raise DataError(f"class folder has no images: {cd}")
+        items += [(Path(p), label) for p in imgs]
+    if not items:
+        raise DataError(f"no images in {d}")
+    return items
 
 
 def list_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
-    """Classes (sorted) and, per split, the (file, label) pairs in a stable order."""
+    """Classes (sorted) and, per split found ('train', 'val', 'test' or 'all'), the (file, label) pairs in a
+    stable order."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data path not found: {root}")
-    if not is_image_folder(root):
-        raise DataError(f"{root} is not an image folder: expected {root}/train/<class>/ and {root}/test/<class>/")
-    classes = sorted(d.name for d in os.scandir(root / "train") if d.is_dir() and not d.name.startswith("."))
+    layout = detect_layout(root)
+    if layout is None:
+        raise DataError(f"{root} is not an image folder: expected {root}/<class>/* or {root}/train/<class>/* "
+                        f"(with test/ and optionally val/)")
+    main = layout.get("train", layout.get("all"))
+    classes = _subdirs(main)
     if not classes:
-        raise DataError(f"{root / 'train'} has no class folders")
-    test_classes = sorted(d.name for d in os.scandir(root / "test") if d.is_dir() and not d.name.startswith("."))
-    extra = set(test_classes) - set(classes)
-    if extra:
-        raise DataError(f"{root / 'test'} has classes not in train: {', '.join(sorted(extra))}")
+        raise DataError(f"{main} has no class folders")
     files: dict[str, list[tuple[Path, int]]] = {}
-    for split in ("train", "test"):
-        items = []
-        for label, cls in enumerate(classes):
-            d = root / split / cls
-            if not d.is_dir():
-                if split == "train":
-                    raise DataError(f"class folder missing: {d}")
-                continue
-            imgs = sorted(e.path for e in os.scandir(d) if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTS)
-            if not imgs and split == "train":
-                raise DataError(f"class folder has no images: {d}")
-            items += [(Path(p), label) for p in imgs]
-        if not items:
-            raise DataError(f"no images in {root / split}")
-        files[split] = items
+    for split, d in layout.items():
+        if split in ("val", "test"):
+            extra = set(_subdirs(d)) - set(classes)
+            if extra:
+                raise DataError(f"{d} has classes not in {main.name}: {', '.join(sorted(extra))}")
+        files[split] = _list_split(d, classes, split, required=split in ("train", "all"))
     return classes, files
 
 
 def fingerprint_entries(files: dict[str, list[tuple[Path, int]]]) -> list[tuple[str, int, int]]:
     out = []
-    for split in ("train", "test"):
+    for split in sorted(files):
         for p, _ in files[split]:
             st = p.stat()
             out.append((str(p), st.st_size, st.st_mtime_ns))
@@ -141,8 +186,77 @@ def decode_files(items: list[tuple[Path, int]], size: int, skip_bad: bool, desc:
     return x, labels, len(bad_idx)
 
 
-def load_folder(root: Path, size: int, skip_bad: bool = False) -> RawData:
+def _image_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return (0, 0)  # unreadable: decode_files names it (or skips it)
+
+
+def _sizes_chunk(paths: list[str]) -> list[tuple[int, int]]:
+    return [_image_size(p) for p in paths]
+
+
+def scan_sizes(paths: list[str], workers: int | None = None) -> Counter:
+    """How many images of each (width, height), from the headers alone."""
+    chunks = [paths[i:i + 2048] for i in range(0, len(paths), 2048)]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(workers) as ex:
+            results = list(ex.map(_sizes_chunk, chunks))
+    else:
+        results = [_sizes_chunk(c) for c in chunks]
+    return Counter(s for r in results for s in r if s != (0, 0))
+
+
+def pick_size(sizes: Counter, source: str) -> tuple[int, dict]:
+    """The side to decode at when ``data.image_size`` is not set: the images' own when they share one square
+    size; else the most common size's longer side (ties: the larger), flagged as mixed in the info."""
+    if not sizes:
+        raise DataError(f"{source}: no readable image")
+    (w, h), _ = max(sizes.items(), key=lambda kv: (kv[1], max(kv[0])))
+    info = {"sizes": {f"{a}x{b}": n for (a, b), n in sizes.most_common(10)}, "mixed_sizes": len(sizes) > 1}
+    return max(w, h), info
+
+
+def decode_splits(files: dict[str, list[tuple[Path, int]]], classes: list[str], size: int | None, skip_bad: bool,
+                  source: str, info: dict | None = None) -> RawData:
+    """Decode each split's files at ``size`` (None: from the images, see :func:`pick_size`)."""
+    info = dict(info or {})
+    if size is None:
+        size, found = pick_size(scan_sizes([str(p) for items in files.values() for p, _ in items]), source)
+        info.update(found)
+    out, skipped = {}, 0
+    for split, items in files.items():
+        x, y, bad = decode_files(items, size, skip_bad, f"decode {split}")
+        out[split] = (x, y)
+        skipped += bad
+    main = out.pop("train", None) or out.pop("all")
+    val, test = out.get("val", (None, None)), out.get("test", (None, None))
+    return RawData(main[0], main[1], test[0], test[1], classes, source=source, skipped=skipped,
+                   val_x=val[0], val_y=val[1], info=info).check()
+
+
+def load_folder(root: Path, size: int | None, skip_bad: bool = False) -> RawData:
     classes, files = list_folder(root)
-    tx, ty, bad1 = decode_files(files["train"], size, skip_bad, "decode train")
-    vx, vy, bad2 = decode_files(files["test"], size, skip_bad, "decode test")
-    return RawData(tx, ty, vx, vy, classes, source=str(root), skipped=bad1 + bad2).check()
+    layout = "/".join(sorted(files)) if "all" not in files else "<class>/* (no split given)"
+    return decode_splits(files, classes, size, skip_bad, str(root), {"layout": layout})
+
+
+@register_source("folder")
+def _resolve(spec: str | None, cfg) -> Source | None:
+    if spec is None:
+        return None
+    p = Path(spec).expanduser()
+    if not is_image_folder(p):
+        return None
+
+    def load(c) -> RawData:
+        from .cache import cached, fingerprint
+
+        classes, files = list_folder(p)
+        fp = fingerprint(fingerprint_entries(files), kind="folder", size=c.image_size, skip=c.skip_bad_images)
+        return cached(p, fp, lambda: load_folder(p, c.image_size, c.skip_bad_images))
+
+    return Source("folder", p, load)

@@ -17,7 +17,7 @@ from ..config import RunConfig, load_config
 from ..data import CifarData, load_data
 from ..data.loader import DeviceBatches
 from ..errors import CifarlabError
-from ..metrics import Accuracy
+from ..metrics import Accuracy, summary_scores
 from ..train.checkpoint import atomic_write, atomic_write_text, load_into, load_weights
 from ..train.loop import build_model, evaluate
 from ..train.runtime import Runtime, setup_runtime
@@ -59,6 +59,7 @@ def evaluate_run(run_dir: str | Path, data: CifarData | None = None, device: str
     res = metric.compute()
     out = {"test_loss": loss, "test_acc": acc, "per_class_acc": dict(zip(data.classes, res["per_class"])),
            "num_test": res["count"], "tta": tta, "best_epoch": meta.get("epoch"), "val_acc": meta.get("val_acc")}
+    out.update(summary_scores(logits, data.test_y, len(data.classes)))  # balanced accuracy, macro F1, top-5
     atomic_write_text(run_dir / "test_metrics.json", json.dumps(out, indent=2))
     atomic_write(run_dir / "test_logits.npz", lambda f: np.savez(
         f, logits=logits.cpu().numpy().astype(np.float32), labels=data.test_y.numpy().astype(np.int64),
@@ -71,4 +72,7 @@ def format_table(res: dict) -> str:
     for cls, a in res["per_class_acc"].items():
         lines.append(f"{cls:<14}{a:>10.4f}")
     lines += ["-" * 24, f"{'test loss':<14}{res['test_loss']:>10.4f}", f"{'test accuracy':<14}{res['test_acc']:>10.4f}"]
+    for key, label in (("balanced_acc", "balanced accuracy"), ("macro_f1", "macro F1"), ("top5_acc", "top-5 accuracy")):
+        if key in res:
+            lines.append(f"{label:<18}{res[key]:>6.4f}")
     return "\n".join(lines)

@@ -33,8 +33,11 @@ def model_defaults(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in inspect.signature(fn).parameters.items() if k != "num_classes"}
 
 
-def validate_model_params(name: str, params: dict[str, Any], image_size: int = 32) -> dict[str, Any]:
-    """Check that every key is a hyperparameter of the model and has the right type."""
+def validate_model_params(name: str, params: dict[str, Any], image_size: int | None = 32) -> dict[str, Any]:
+    """Check that every key is a hyperparameter of the model and has the right type.
+
+    ``image_size`` None (the data will tell it) skips the checks that need it; they run again once it is known.
+    """
     from ..config import coerce_like
 
     defaults = model_defaults(name)
@@ -44,7 +47,7 @@ def validate_model_params(name: str, params: dict[str, Any], image_size: int = 3
             raise ConfigError(f"unknown config key 'model.{key}' for model '{name}'; "
                               f"its keys are: {', '.join(defaults) or '(none)'}")
         out[key] = coerce_like(f"model.{key}", value, defaults[key])
-    if "image_size" in out and out["image_size"] != image_size:  # the model must be built for the data's size
+    if "image_size" in out and image_size is not None and out["image_size"] != image_size:  # the model must be built for the data's size
         raise ConfigError(f"model.image_size={out['image_size']} differs from data.image_size={image_size}; "
                           f"set data.image_size instead")
     checker = getattr(_get(name), "check_params", None)

@@ -47,8 +47,8 @@ def _check(p: dict, image_size: int) -> None:
         raise ConfigError(f"model.hidden={p['hidden']} must be >= 1")
     if not 0 <= p["dropout"] < 1:
         raise ConfigError(f"model.dropout={p['dropout']} must be in [0, 1)")
-    if p["image_size"] % 8:
-        raise ConfigError(f"model.image_size={p['image_size']} must be divisible by 8 (three 2x poolings)")
+    if p["image_size"] is not None and p["image_size"] < 8:  # floor pooling: 28 px -> 14 -> 7 -> 3
+        raise ConfigError(f"image size {p['image_size']} is too small for the CNN's three 2x poolings (>= 8)")
 
 
 cnn.check_params = _check

@@ -176,7 +176,7 @@ def _check(p: dict, image_size: int) -> None:
         raise ConfigError("model.head_scale and model.bias_lr_scale must be > 0")
     if p["bias_decay"] < 0:
         raise ConfigError(f"model.bias_decay={p['bias_decay']} must be >= 0")
-    if (image_size - p["whiten_kernel"] + 1) // 8 < 1:
+    if image_size is not None and (image_size - p["whiten_kernel"] + 1) // 8 < 1:
         raise ConfigError(f"image size {image_size} is too small for speednet's three 2x poolings")
 
 

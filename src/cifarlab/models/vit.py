@@ -200,7 +200,7 @@ def vit(num_classes: int = 10, *, image_size: int = 32, patch_size: int = 4, emb
 
 def _check(p: dict, image_size: int) -> None:
     size = p["image_size"]
-    if p["patch_size"] < 1 or size % p["patch_size"]:
+    if p["patch_size"] < 1 or (size is not None and size % p["patch_size"]):
         raise ConfigError(f"model.patch_size={p['patch_size']} must divide the image size {size}")
     if p["num_heads"] < 1 or p["head_dim"] < 1:  # a product test alone lets (-2) * (-3) through
         raise ConfigError(f"model.num_heads*model.head_dim = {p['num_heads']}*{p['head_dim']} must be > 0")

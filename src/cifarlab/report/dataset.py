@@ -17,7 +17,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.augment import BatchAugment
-from ..data.dataset import channel_stats, load_raw, split_indices
+from ..data.dataset import SplitPlan, channel_stats, load_raw, plan_splits
 from ..data.loader import step_seed
 from ..errors import DataError
 from ..train.checkpoint import atomic_write_text
@@ -81,24 +81,35 @@ def data_overview(cfg: RunConfig, out: str | Path = "data-overview", *, augment:
     # The split as training makes it (cifarlab.data.load_data); a config asking for more images than there
     # are still gets an overview, of the whole training set.
     try:
-        train_idx, val_idx = split_indices(raw.train_y, cfg.data.train_size, cfg.data.val_size, cfg.data.seed)
+        plan = plan_splits(raw, cfg.data)
     except DataError as e:
         warnings.append(f"{e}; showing the whole training set as 'train' and no validation split")
-        train_idx, val_idx = np.arange(len(raw.train_y)), np.array([], np.int64)
-    train_x = torch.from_numpy(np.ascontiguousarray(raw.train_x[train_idx])).permute(0, 3, 1, 2).contiguous()
-    train_y = raw.train_y[train_idx]
+        every = np.arange(len(raw.train_y))
+        test = (raw.test_x, np.arange(len(raw.test_y)), raw.test_y) if raw.test_x is not None else (
+            raw.train_x, every[:0], raw.train_y[:0])
+        plan = SplitPlan((raw.train_x, every, raw.train_y), (raw.train_x, every[:0], raw.train_y[:0]), test, [])
+    train_x = torch.from_numpy(np.ascontiguousarray(plan.train[0][plan.train[1]])).permute(0, 3, 1, 2).contiguous()
+    train_y = np.asarray(plan.train[2])
     mean, std = channel_stats(train_x)
     C = len(classes)
     counts = {"train": np.bincount(train_y, minlength=C).tolist(),
-              "validation": np.bincount(raw.train_y[val_idx], minlength=C).tolist(),
-              "test": np.bincount(raw.test_y, minlength=C).tolist()}
-    if not len(val_idx):
+              "validation": np.bincount(plan.val[2], minlength=C).tolist(),
+              "test": np.bincount(plan.test[2], minlength=C).tolist()}
+    if not len(plan.val[2]):
         del counts["validation"]
+    given = [s for s in ("validation", "test") if s in counts and ("val" if s == "validation" else s) not in plan.carved]
+    carved = [("validation" if s == "val" else s) for s in plan.carved]
+    split_note = (f"{' and '.join(carved).capitalize()} carved from the source's training images (seeded, stratified, "
+                  f"data.seed={cfg.data.seed}); " if carved else "") + (
+                  f"{' and '.join(given)} as the source gives {'them' if len(given) > 1 else 'it'}." if given else "")
+    if C > 1 and min(counts["train"]) * 3 < max(counts["train"]):
+        warnings.append(f"the classes are imbalanced (training images per class from {min(counts['train'])} to "
+                        f"{max(counts['train'])}): read balanced accuracy and macro F1 beside accuracy, and consider "
+                        f"--set train.class_weights=balanced")
 
     figs = [("Images per class", figures.class_counts(counts, classes, f"Images per class and split ({raw.source})",
                                                       out / "class_counts.png"),
-             "Training and validation come from the source's training set (seeded stratified split, "
-             f"data.seed={cfg.data.seed}); the test split is the source's own.")]
+             split_note)]
     first = first_per_class(train_y, -(-n_images // C))
     shown = first[:n_images]
     figs.append(("First training images", figures.image_grid(
@@ -122,7 +133,8 @@ def data_overview(cfg: RunConfig, out: str | Path = "data-overview", *, augment:
             "Each row: a training image, then independent draws of the configured augmentation (the draws of "
             "epochs 1, 2, ... of the training batch generator)."))
 
-    info = {"source": raw.source, "classes": classes, "image_size": int(train_x.shape[-1]),
+    info = {"source": raw.source, "layout": raw.info.get("layout", ""), "sizes_found": raw.info.get("sizes", {}),
+            "carved": plan.carved, "classes": classes, "image_size": int(train_x.shape[-1]),
             "counts": counts, "totals": {k: int(sum(v)) for k, v in counts.items()},
             "mean": mean, "std": std, "skipped_images": raw.skipped, "augmentation": aug_text,
             "config": cfg.to_dict()["data"], "figures": [p.name for _, p, _ in figs], "warnings": warnings}

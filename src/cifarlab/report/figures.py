@@ -72,16 +72,17 @@ def training_curves(history: dict[str, list[float]], title: str, path: Path) -> 
 def confusion_matrices(cm: np.ndarray, cm_norm: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
     """Counts and row-normalized (each true class sums to 1) side by side."""
     C = len(classes)
-    side = max(5.5, 0.55 * C + 2.5)
+    side = min(max(5.5, 0.55 * C + 2.5), 14.0)  # 100 classes: a readable heat map, not a 60-inch figure
     fig = Figure(figsize=(2 * side + 1, side))
     axes = fig.subplots(1, 2)
-    annotate = C <= 20
+    annotate = C <= 20  # beyond that, cells are too small for numbers: the most confused pairs are a table
     for ax, mat, sub, fmt in ((axes[0], cm, "counts", "d"), (axes[1], cm_norm, "row-normalized (recall)", ".2f")):
         shown = np.nan_to_num(np.asarray(mat, dtype=float))
         im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=max(shown.max(), 1e-9) if fmt == "d" else 1.0)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="images" if fmt == "d" else "fraction of true class")
-        ax.set_xticks(range(C), classes, rotation=45, ha="right")
-        ax.set_yticks(range(C), classes)
+        ax.set_xticks(range(C), classes, rotation=45 if C <= 20 else 90, ha="right" if C <= 20 else "center",
+                      fontsize=None if C <= 40 else 4)
+        ax.set_yticks(range(C), classes, fontsize=None if C <= 40 else 4)
         ax.set_xlabel("Predicted class")
         ax.set_ylabel("True class")
         ax.set_title(f"Confusion matrix, {sub}")
@@ -103,10 +104,15 @@ def roc_figure(roc: dict[str, Any], classes: list[str], title: str, path: Path) 
     """One-vs-rest ROC curve per class, with the micro and macro averages."""
     fig = Figure(figsize=(8.5, 7.5))
     ax = fig.subplots()
+    many = len(classes) > 20  # one legend entry per class would hide the plot: thin grey curves instead
     for k, c in enumerate(roc["per_class"]):
         if c is None:
             continue
-        ax.plot(c["fpr"], c["tpr"], color=colour(k), lw=1.3, alpha=0.85, label=f"{classes[k]} (AUC {c['auc']:.3f})")
+        if many:
+            ax.plot(c["fpr"], c["tpr"], color="#9ab", lw=0.6, alpha=0.5,
+                    label=f"each of {len(classes)} classes" if k == 0 else None)
+        else:
+            ax.plot(c["fpr"], c["tpr"], color=colour(k), lw=1.3, alpha=0.85, label=f"{classes[k]} (AUC {c['auc']:.3f})")
     ax.plot(roc["micro"]["fpr"], roc["micro"]["tpr"], "k--", lw=2.2, label=f"micro-average (AUC {roc['micro']['auc']:.3f})")
     ax.plot(roc["macro"]["fpr"], roc["macro"]["tpr"], "k:", lw=2.6,
             label=f"macro-average (mean AUC {roc['macro']['auc']:.3f})")
@@ -127,7 +133,7 @@ def per_class_bars(per_class: dict[str, dict[str, Any]], title: str, path: Path)
     """Precision, recall (= per-class accuracy) and F1 per class, grouped bars."""
     classes = list(per_class)
     C = len(classes)
-    fig = Figure(figsize=(max(9, 0.9 * C + 2), 4.8))
+    fig = Figure(figsize=(min(max(9, 0.9 * C + 2), 30), 4.8))
     ax = fig.subplots()
     x = np.arange(C)
     width = 0.27

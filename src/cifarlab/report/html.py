@@ -27,6 +27,21 @@ pre { background: #f7f7f7; border: 1px solid #e3e3e3; padding: 0.8em; overflow-x
 """
 
 _SCRIPT = """
+document.querySelectorAll("table.sortable th").forEach(function (th, col) {
+  // Click a column's header to sort by it (numbers as numbers); click again to reverse.
+  th.style.cursor = "pointer";
+  th.title = "sort";
+  th.addEventListener("click", function () {
+    var body = th.closest("table").tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    var asc = th.getAttribute("data-order") !== "asc";
+    th.closest("tr").querySelectorAll("th").forEach(function (h) { h.removeAttribute("data-order"); });
+    th.setAttribute("data-order", asc ? "asc" : "desc");
+    var key = function (r) { var t = r.cells[col].textContent; var v = parseFloat(t); return isNaN(v) ? t : v; };
+    rows.sort(function (a, b) { var x = key(a), y = key(b); return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
 window.addEventListener("load", function () {
   var imgs = document.querySelectorAll("img");
   var ok = 0;
@@ -57,10 +72,12 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], sortable: bool = False) -> str:
+    """An HTML table; ``sortable``: a click on a header sorts the rows by that column."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{esc(fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    cls = ' class="sortable"' if sortable else ""
+    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def figure(png: Path, alt: str, caption: str) -> str:

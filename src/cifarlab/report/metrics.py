@@ -140,6 +140,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
         "test_loss": float(log_loss(labels, probs, labels=ks)),
         "top1_accuracy": float((preds == labels).mean()),
         "top2_accuracy": float(top_k_accuracy_score(labels, probs, k=2, labels=ks)) if C > 2 else 1.0,
+        "balanced_accuracy": float(np.nanmean(np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan))),
         "macro_auc": roc["macro"]["auc"],
         "macro_roc_curve_auc": roc["macro"]["curve_auc"],
         "micro_auc": roc["micro"]["auc"],
@@ -147,6 +148,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
         "weighted_f1": float(f1_score(labels, preds, labels=ks, average="weighted", zero_division=0)),
         "macro_precision": float(np.mean(precision)),
         "macro_recall": float(np.mean(recall)),
+        "most_confused": most_confused(cm, classes),
         "ece": ece,
         "ece_bins": n_bins,
         "calibration": bins,
@@ -154,9 +156,27 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
         "confusion_matrix": cm.tolist(),
         "confusion_matrix_normalized": [[None if math.isnan(v) else float(v) for v in row] for row in cm_norm],
     }
+    if C > 10:
+        metrics["top5_accuracy"] = float(top_k_accuracy_score(labels, probs, k=5, labels=ks))
     extras = {"probs": probs, "preds": preds, "labels": labels, "cm": cm, "cm_norm": cm_norm, "roc": roc,
               "calibration": bins}
     return metrics, extras
+
+
+def most_confused(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` largest off-diagonal cells: (true, predicted, images, fraction of the true class)."""
+    off = np.array(cm, dtype=np.int64)
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:n]
+    support = np.asarray(cm).sum(axis=1)
+    out = []
+    for flat in order:
+        i, j = divmod(int(flat), off.shape[1])
+        if off[i, j] == 0:
+            break
+        out.append({"true": classes[i], "predicted": classes[j], "images": int(off[i, j]),
+                    "fraction_of_true": float(off[i, j] / support[i])})
+    return out
 
 
 def confidently_wrong(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:

@@ -58,8 +58,10 @@ def run_summary_rows(run: RunFiles, m: dict[str, Any]) -> list[tuple[str, Any]]:
         ("train / validation images", f"{s.get('train_images', '?')} / {s.get('val_images', '?')}"),
         ("data", s.get("data_source", run.config.data.path)), ("test-time augmentation", run.test_metrics.get("tta")),
         ("test images", m["num_test"]), ("test loss", m["test_loss"]), ("top-1 accuracy", m["top1_accuracy"]),
-        ("top-2 accuracy", m["top2_accuracy"]), ("macro AUC (one-vs-rest)", m["macro_auc"]),
-        ("micro AUC", m["micro_auc"]), ("macro F1", m["macro_f1"]),
+        ("top-2 accuracy", m["top2_accuracy"]),
+        *([("top-5 accuracy", m["top5_accuracy"])] if "top5_accuracy" in m else []),
+        ("balanced accuracy (mean per-class recall)", m["balanced_accuracy"]), ("macro F1", m["macro_f1"]),
+        ("macro AUC (one-vs-rest)", m["macro_auc"]), ("micro AUC", m["micro_auc"]),
         (f"expected calibration error ({m['ece_bins']} bins)", m["ece"]),
     ]
 
@@ -121,8 +123,13 @@ def make_report(run_dir: str | Path, *, data_path: str | None = None) -> Path:
     pc_rows = [(c, v["support"], v["accuracy"], v["precision"], v["recall"], v["f1"], v["auc"])
                for c, v in m["per_class"].items()]
     sections = [("Summary", H.table(["", "value"], run_summary_rows(run, m))),
-                ("Per class", H.table(["class", "test images", "accuracy", "precision", "recall", "F1", "AUC"],
-                                      pc_rows))]
+                ("Per class (click a header to sort)",
+                 H.table(["class", "test images", "accuracy", "precision", "recall", "F1", "AUC"], pc_rows,
+                         sortable=True))]
+    if m["most_confused"]:
+        sections.append(("Most confused pairs", H.table(
+            ["true class", "predicted as", "test images", "fraction of the true class"],
+            [(p["true"], p["predicted"], p["images"], p["fraction_of_true"]) for p in m["most_confused"]])))
     if warnings:
         sections.insert(0, ("Warnings", "".join(f'<p class="warn">{H.esc(w)}</p>' for w in warnings)))
     sections += [(h, H.figure(p, h, cap)) for h, p, cap in figs]

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data import CifarData, load_data
+from ..data.dataset import apply_data_defaults
 from ..data.augment import BatchAugment
 from ..data.loader import DeviceBatches, step_seed
 from ..errors import CheckpointError, CifarlabError, ConfigError
@@ -90,21 +91,39 @@ def whitening_sample(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy against hard labels (N,) or soft targets (N, C) from mixup / cutmix."""
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against hard labels (N,) or soft targets (N, C) from mixup / cutmix.
+
+    ``weight`` (C,) weights each class's terms; the mean is over the weights, as ``F.cross_entropy``'s.
+    """
     if target.ndim == 1:
-        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
     if label_smoothing:
         target = target * (1 - label_smoothing) + label_smoothing / logits.shape[1]
-    return torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
+    if weight is None:
+        return torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
+    wt = target * weight
+    return torch.sum(-wt * F.log_softmax(logits, dim=1)) / wt.sum()
+
+
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``n / (C * n_c)`` per class (scikit-learn's ``class_weight="balanced"``): each class weighs the same
+    in the loss whatever its number of images; a class with no training image gets weight 0."""
+    counts = torch.bincount(labels.long().cpu(), minlength=num_classes).double()
+    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return w.float()
 
 
 # --------------------------------------------------------------------------- epoch
 def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.optim.Optimizer, scheduler,
                     per_step_sched: bool, rt: Runtime, cfg: RunConfig, state: TrainState, epoch: int,
                     ema: ModelEMA | None = None, on_step: Callable[[int], None] | None = None,
-                    mix: Callable | None = None, lookahead: Lookahead | None = None) -> tuple[float, float]:
-    """One pass over the training batches; returns (mean loss, accuracy) over the epoch."""
+                    mix: Callable | None = None, lookahead: Lookahead | None = None,
+                    class_weight: torch.Tensor | None = None) -> tuple[float, float]:
+    """One pass over the training batches; returns (mean loss, accuracy) over the epoch.
+
+    ``class_weight`` (C,) on the device weights the loss per class (``train.class_weights``)."""
     t = cfg.train
     model.train()
     # Running sums stay on the device (no per-step sync); a mid-epoch resume restores them from the checkpoint.
@@ -127,7 +146,7 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
             x, target = mix(x, y, epoch, step)
         with rt.autocast():
             logits = model(x)
-            loss = soft_cross_entropy(logits.float(), target, t.label_smoothing)
+            loss = soft_cross_entropy(logits.float(), target, t.label_smoothing, class_weight)
         finite = torch.isfinite(loss)
         if t.nan_policy == "skip-batch" and dist.any_rank(~finite):  # a host sync only under this policy
             optimizer.zero_grad(set_to_none=True)
@@ -337,6 +356,7 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     seed_everything(t.seed)
 
     data = data if data is not None else load_data(cfg.data)
+    apply_data_defaults(cfg, data)  # data.image_size from the images, when the config leaves it to them
     if data.skipped:
         log(f"skipped {data.skipped} unreadable image(s) (--skip-bad-images)")
     model = build_model(cfg, data.num_classes).to(rt.device)
@@ -361,6 +381,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     from .mix import build_mix  # mixup / cutmix, when configured
 
     mix = build_mix(cfg.data, data.num_classes, t.seed)
+    class_weight = (balanced_class_weights(data.train_y, data.num_classes).to(rt.device)
+                    if t.class_weights == "balanced" else None)
 
     state = TrainState()
     if ckpt_state is not None:
@@ -440,7 +462,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
             epoch = state.epoch
             t0 = time.perf_counter()
             train_loss, train_acc = train_one_epoch(train_model, train_batches, optimizer, scheduler, per_step, rt,
-                                                    cfg, state, epoch, ema, on_step, mix, lookahead)
+                                                    cfg, state, epoch, ema, on_step, mix, lookahead,
+                                                    class_weight)
             if lookahead is not None and epoch + 1 == t.epochs:
                 lookahead.finish(model)  # the run ends on the slow weights
             lr_now = optimizer.param_groups[0]["lr"]
