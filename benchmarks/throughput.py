@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cifarlab.config import RunConfig, load_config
+from cifarlab.data.dataset import apply_data_defaults
 from cifarlab.data import CifarData, load_data
 from cifarlab.data.augment import BatchAugment
 from cifarlab.data.loader import DeviceBatches
@@ -462,6 +463,7 @@ def load_bench_data(path: str | None, train_size: int) -> CifarData:
 
 def bench_model(name: str, data: CifarData, plan: Plan, args: argparse.Namespace, log) -> dict:
     cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"train.compile={'true' if args.compile else 'false'}"])
+    apply_data_defaults(cfg, data)  # data.image_size from the images, as fit does
     vit = name == "vit"
     b_steps, a_steps = (plan.vit_steps, plan.vit_a_steps) if vit else (plan.steps, plan.steps)
     b = CifarlabSide(name, cfg, data, plan.vit_eval_images if vit else plan.eval_images)

@@ -177,6 +177,9 @@ def probe(cfg: RunConfig, steps: int, n_train: int = 40000, n_test: int = 10000)
     from cifarlab.train.loop import soft_cross_entropy, tta_logits
     from cifarlab.train.optim import apply_decoupled_wd, build_optimizer, build_scheduler
 
+    if cfg.data.image_size is None:  # no data is read: images of CIFAR-10's 32 px
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=32))
+        cfg.validate()
     t = cfg.train
     rt = setup_runtime(t, cfg.model.name)
     n = t.batch_size * (steps + 1)
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(res), flush=True)
         return res
     if args.epochs_for_minutes:
-        res = probe(cfg, 30, n_train=cfg.data.train_size)
+        res = probe(cfg, 30, n_train=cfg.data.train_size or 40000)
         cfg = size_epochs(cfg, args.epochs_for_minutes, res["minutes_per_epoch"])
         print(f"sized: {res['images_per_second']:.0f} images/s ({res['precision']}, batch {res['batch_size']}), "
               f"{res['minutes_per_epoch'] * 60:.1f} s per epoch -> {cfg.train.epochs} epochs in "

@@ -367,7 +367,7 @@ def test_linear_schedule_is_a_triangle():
 def test_progressive_size_schedule_and_cost():
     from cifarlab.data.augment import progressive_cost, progressive_size
 
-    cfg = DataConfig(progressive_size=16, progressive_until=0.75)  # 16 -> 32 px over 9 of 12 epochs
+    cfg = DataConfig(image_size=32, progressive_size=16, progressive_until=0.75)  # 16 -> 32 px over 9 of 12 epochs
     sizes = [progressive_size(cfg, e, 12) for e in range(12)]
     assert sizes == [16, 16, 16, 20, 20, 24, 24, 28, 28, 32, 32, 32]
     cost = (3 * 16**2 + 2 * 20**2 + 2 * 24**2 + 2 * 28**2 + 3 * 32**2) / (12 * 32**2)
@@ -379,13 +379,13 @@ def test_progressive_size_schedule_and_cost():
 def test_device_batches_downscale_the_epochs_of_progressive_resizing():
     from cifarlab.data.loader import DeviceBatches
 
-    cfg = DataConfig(progressive_size=16, progressive_until=0.5, flip="random")
+    cfg = DataConfig(image_size=32, progressive_size=16, progressive_until=0.5, flip="random")
     n = 32
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     x[:, :, :, :16] = 200  # left half bright, right half dark: downscaling keeps the halves apart
     x[:, :, :, 16:] = 20
     batches = DeviceBatches(x, torch.zeros(n, dtype=torch.int64), 16, mean=[0.5] * 3, std=[0.25] * 3,
-                            device="cpu", augment=BatchAugment(DataConfig(progressive_size=16, progressive_until=0.5),
+                            device="cpu", augment=BatchAugment(DataConfig(image_size=32, progressive_size=16, progressive_until=0.5),
                                                                n, 0, epochs=4))
     shapes = [[tuple(xb.shape) for _, xb, _ in batches.epoch(e)] for e in range(4)]
     assert shapes[0] == [(16, 3, 16, 16)] * 2 and shapes[1] == [(16, 3, 24, 24)] * 2

@@ -34,6 +34,9 @@ class DataConfig:
     val_fraction: float = 0.2  # of the training images, held out for validation where no val split is given
     test_fraction: float = 0.2  # of all images, held out for testing where the source gives no test split
     seed: int = 0  # seed of the train/validation (and carved test) split
+    # MiB of images the training device may hold; a larger data set streams from the decode cache's memory map
+    # (None: half of the device's free memory, measured at start)
+    device_memory: float | None = None
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of failing
     # Study augmentation: with probability augment_p an image gets flip + rotation + random resized crop.
     augment_p: float = 0.0  # probability, 0..1
@@ -187,6 +190,8 @@ class RunConfig:
         _check(d.val_size is None or d.val_size >= 0, "data.val_size", d.val_size, "must be >= 0")
         _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
         _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
+        _check(d.device_memory is None or d.device_memory > 0, "data.device_memory", d.device_memory,
+               "must be a positive number of MiB")
         _check(0.0 <= d.augment_p <= 1.0, "data.augment_p", d.augment_p, "must be in [0, 1]")
         _check(0.0 <= d.rotation <= 180.0, "data.rotation", d.rotation, "must be in [0, 180] degrees")
         _pair(d.crop_scale, "data.crop_scale", lo=0.0, hi=1.0)

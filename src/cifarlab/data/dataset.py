@@ -147,12 +147,18 @@ def plan_splits(raw: RawData, cfg: DataConfig) -> SplitPlan:
     return SplitPlan(train, val, test, carved)
 
 
-def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Exact per-channel mean and std in [0, 1] units from a 256-bin histogram of uint8 images."""
+def channel_stats(x) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean and std in [0, 1] units from a 256-bin histogram of uint8 images (N, C, H, W):
+    a tensor, or :class:`~cifarlab.data.streaming.HostImages` read in chunks."""
     values = torch.arange(256, dtype=torch.float64) / 255.0
+    chunks = x.chunks() if hasattr(x, "chunks") else [x]
+    hists = None
+    for chunk in chunks:
+        h = torch.stack([torch.bincount(chunk[:, c].reshape(-1).to(torch.int64), minlength=256)
+                         for c in range(chunk.shape[1])]).double()
+        hists = h if hists is None else hists + h
     mean, std = [], []
-    for c in range(x.shape[1]):
-        hist = torch.bincount(x[:, c].reshape(-1).to(torch.int64), minlength=256).double()
+    for hist in hists:
         m = (hist * values).sum() / hist.sum()
         var = (hist * (values - m) ** 2).sum() / hist.sum()
         mean.append(m.item())
@@ -170,18 +176,30 @@ def _take(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[torch.Tensor
     return out, torch.from_numpy(np.array(y, np.int64))
 
 
-def load_data(cfg: DataConfig) -> CifarData:
-    """Load (from cache when possible), split and normalize a data set as described by ``cfg``."""
+def load_data(cfg: DataConfig, device: torch.device | str | None = None) -> CifarData:
+    """Load (from cache when possible), split and normalize a data set as described by ``cfg``.
+
+    Splits whose images together exceed the memory budget of ``device`` (``data.device_memory``, else half of
+    its free memory) stay in the decode cache's memory map as :class:`~cifarlab.data.streaming.HostImages`,
+    read batch by batch; otherwise they are gathered into uint8 tensors.
+    """
+    from .streaming import HostImages, memory_budget
+
     raw = load_raw(cfg)
     plan = plan_splits(raw, cfg)
-    train_x, train_y = _take(plan.train)
-    val_x, val_y = _take(plan.val)
-    test_x, test_y = _take(plan.test)
+    parts = (plan.train, plan.val, plan.test)
+    nbytes = sum(len(idx) * int(np.prod(x.shape[1:])) for x, idx, _ in parts)
+    stream = nbytes > memory_budget(device, cfg.device_memory)
+    if stream:
+        (train_x, val_x, test_x) = (HostImages(x, idx) for x, idx, _ in parts)
+        (train_y, val_y, test_y) = (torch.from_numpy(np.array(y, np.int64)) for _, _, y in parts)
+    else:
+        (train_x, train_y), (val_x, val_y), (test_x, test_y) = (_take(p) for p in parts)
     # Statistics of the training split only, so validation and test never leak into preprocessing.
     mean, std = channel_stats(train_x)
     return CifarData(train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
                      classes=list(raw.classes), mean=mean, std=std, source=raw.source, skipped=raw.skipped,
-                     info={**raw.info, "carved": plan.carved})
+                     info={**raw.info, "carved": plan.carved, "streaming": stream, "bytes": nbytes})
 
 
 def apply_data_defaults(cfg: RunConfig, data: CifarData) -> RunConfig:

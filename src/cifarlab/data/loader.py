@@ -68,9 +68,7 @@ class DeviceBatches:
         """Yield (step, images, labels) for one epoch, starting at ``start_step``."""
         perm = self.order(epoch)
         size = self.augment.size(epoch) if self.augment is not None else None
-        for step in range(start_step, len(self)):
-            idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
-            xb = self.x[idx]
+        for step, idx, xb in self._gathered(perm, start_step):
             if self.augment is not None and (self.augment.active or self.augment.cfg.cutout > 0):
                 gen = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, epoch, step, self.rank))
                 xb = self.augment(xb.float() / 255.0, idx, epoch, gen)
@@ -82,6 +80,13 @@ class DeviceBatches:
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield step, xb, self.y[idx]
+
+    def _gathered(self, perm: torch.Tensor, start_step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(step, indices, uint8 images) per batch; :class:`~cifarlab.data.streaming.StreamingBatches` reads
+        them from the host instead."""
+        for step in range(start_step, len(self)):
+            idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
+            yield step, idx, self.x[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for _, xb, yb in self.epoch(0):

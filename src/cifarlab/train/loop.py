@@ -29,6 +29,7 @@ from ..data import CifarData, load_data
 from ..data.dataset import apply_data_defaults
 from ..data.augment import BatchAugment
 from ..data.loader import DeviceBatches, step_seed
+from ..data.streaming import make_batches
 from ..errors import CheckpointError, CifarlabError, ConfigError
 from ..models import count_parameters, create_model
 from . import distributed as dist
@@ -355,16 +356,19 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         rt.device = dist.device_for_rank(rt.device)
     seed_everything(t.seed)
 
-    data = data if data is not None else load_data(cfg.data)
+    data = data if data is not None else load_data(cfg.data, rt.device)
     apply_data_defaults(cfg, data)  # data.image_size from the images, when the config leaves it to them
     if data.skipped:
         log(f"skipped {data.skipped} unreadable image(s) (--skip-bad-images)")
+    if data.info.get("streaming"):
+        log(f"streaming: the images ({data.info['bytes'] / 2**20:.0f} MiB) exceed the device's memory budget "
+            f"(data.device_memory); batches are read from the decode cache as training runs")
     model = build_model(cfg, data.num_classes).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_params = count_parameters(model)
     augment = BatchAugment(cfg.data, len(data.train_x), t.seed, epochs=t.epochs)
-    train_batches = DeviceBatches(data.train_x, data.train_y, t.batch_size, mean=data.mean, std=data.std,
+    train_batches = make_batches(data.train_x, data.train_y, t.batch_size, mean=data.mean, std=data.std,
                                   device=rt.device, shuffle=True, drop_last=len(data.train_x) >= t.batch_size,
                                   augment=augment, seed=t.seed, channels_last=rt.channels_last,
                                   rank=dist.rank(), world_size=dist.world_size())
