@@ -266,7 +266,7 @@ def test_probe_prices_progressive_resizing_by_its_pixels():
                                                            "train.epochs=12"])
     prog = load_config(REPO / "configs" / "speedrun.yaml", ["train.device=cpu", "train.precision=fp32",
                                                             "model.widths=[8, 16, 16]", "train.batch_size=32",
-                                                            "train.epochs=12", "data.progressive_size=16"])
+                                                            "train.epochs=12", "data.progressive_size=16", "data.image_size=32"])
     a, b = bench.probe(cfg, 3), bench.probe(prog, 3)
     from cifarlab.data.augment import progressive_cost
 

@@ -32,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     info = data_overview(cfg, args.out, augment=args.augment, draws=args.draws)
     splits = list(info["counts"])
     print(f"source: {info['source']} ({len(info['classes'])} classes, {info['image_size']}x{info['image_size']})")
+    if info.get("layout"):
+        print(f"layout: {info['layout']}")
+    if info.get("carved"):
+        print("carved from the training images (seeded, stratified): "
+              + ", ".join("validation" if s == "val" else s for s in info["carved"]))
     print(f"{'class':<14}" + "".join(f"{s:>12}" for s in splits))
     for i, c in enumerate(info["classes"]):
         print(f"{c:<14}" + "".join(f"{info['counts'][s][i]:>12}" for s in splits))

@@ -126,13 +126,13 @@ def make_report(run_dir: str | Path, *, data_path: str | None = None) -> Path:
                 ("Per class (click a header to sort)",
                  H.table(["class", "test images", "accuracy", "precision", "recall", "F1", "AUC"], pc_rows,
                          sortable=True))]
-    if m["most_confused"]:
-        sections.append(("Most confused pairs", H.table(
-            ["true class", "predicted as", "test images", "fraction of the true class"],
-            [(p["true"], p["predicted"], p["images"], p["fraction_of_true"]) for p in m["most_confused"]])))
     if warnings:
         sections.insert(0, ("Warnings", "".join(f'<p class="warn">{H.esc(w)}</p>' for w in warnings)))
     sections += [(h, H.figure(p, h, cap)) for h, p, cap in figs]
+    if m["most_confused"]:  # after the figures: the confusion matrix says it in colour, this says it in numbers
+        sections.append(("Most confused pairs", H.table(
+            ["true class", "predicted as", "test images", "fraction of the true class"],
+            [(p["true"], p["predicted"], p["images"], p["fraction_of_true"]) for p in m["most_confused"]])))
     sections.append(("Configuration (config.yaml)", f"<pre>{H.esc(run.config_text)}</pre>"))
     page = H.page(f"Run report: {run.name}", f"{run.config.model.name} · {run.run_dir} · every number from "
                   f"test_logits.npz; all numbers also in report/metrics.json", sections)
