@@ -281,10 +281,12 @@ def _reset_model_params(model: ModelConfig, name: str) -> None:
     except ConfigError:  # an unknown model: validate() names it
         return
     dropped = [k for k in model.params if k not in keys]
+    kept = {k: v for k, v in model.params.items() if k in keys}
     if dropped:
         notice(f"model.name {model.name} -> {name}: dropped {', '.join(f'model.{k}' for k in dropped)} "
-               f"({model.name}'s, not {name}'s); {name}'s defaults apply")
-    model.params = {k: v for k, v in model.params.items() if k in keys}
+               f"({model.name}'s, not {name}'s)" + (f"; kept {', '.join(f'model.{k}={v}' for k, v in kept.items())}"
+                                                    if kept else "") + f"; {name}'s defaults for the rest")
+    model.params = kept
 
 
 def fit_schedule_to_epochs(cfg: RunConfig, config_epochs: int, touched: set[str] | frozenset = frozenset(),

@@ -87,7 +87,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> 
 
 def _meta(predictor: Predictor, fmt: str) -> dict:
     m = predictor.meta
-    return {**m, "format": fmt, "tta_in_graph": False, "run_tta": predictor.tta, "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, m["image_size"],
+    # "tta": what cifarlab.load(EXPORT) defaults to, the run's evaluate TTA; the graph itself is one view.
+    return {**m, "format": fmt, "tta": predictor.tta, "tta_in_graph": False, "run_tta": predictor.tta, "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, m["image_size"],
             m["image_size"]], "range": [0.0, 1.0], "normalized_inside": fmt != "safetensors"},
             "output": {"name": "logits", "shape": ["N", len(predictor.classes)]}}
 
