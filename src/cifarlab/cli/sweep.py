@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from ..trackers import TRACKER_NAMES
-
 from .common import add_config_args, add_out_arg, config_overrides, deprecated
 
 
