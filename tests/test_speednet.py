@@ -226,10 +226,12 @@ def test_denormals_benchmark_times_both_settings_and_restores_the_default(traine
 
 def test_size_epochs_fills_the_minutes_and_keeps_the_warmup_share():
     bench = _load_benchmark()
-    cfg = load_config(REPO / "configs" / "resnet18-gpu.yaml")  # 192 epochs, warm-up 38.4 (20%)
+    cfg = load_config(REPO / "configs" / "resnet18-gpu.yaml", ["optim.warmup_epochs=38.4"])  # 192 epochs, 20%
     sized = bench.size_epochs(cfg, minutes=3.0, minutes_per_epoch=0.04)
     assert sized.train.epochs == 75 and sized.train.val_every == 75
     assert sized.optim.warmup_epochs == pytest.approx(15.0)
+    shared = bench.size_epochs(load_config(REPO / "configs" / "resnet18-gpu.yaml"), 3.0, 0.04)  # the YAML's share
+    assert shared.optim.warmup_fraction == 0.2 and shared.optim.warmup_epochs == 0
     assert cfg.train.epochs == 192  # the input is left as it was
     assert bench.size_epochs(cfg, minutes=1.0, minutes_per_epoch=5.0).train.epochs == 1  # never zero
 

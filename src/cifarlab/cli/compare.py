@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_out_arg
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare runs trained on the same data",
@@ -12,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "curves of all runs on one chart. Runs with different data or classes are "
                                    "refused. Writes comparison.html, comparison.json and PNGs.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: comparison/ beside the first run)")
+    add_out_arg(p, "folder that receives comparison.html, comparison.json and the PNGs "
+                   "(default: comparison/ beside the first run)")
     p.set_defaults(func=run)
 
 
@@ -26,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     path = compare_runs(args.run_dirs, args.out)
     rows = json.loads((Path(path).parent / "comparison.json").read_text())["runs"]
     cols = [("run", "run", 20, 0), ("test_loss", "test loss", 10, 4), ("test_acc", "accuracy", 10, 4),
-            ("macro_auc", "macro AUC", 10, 4), ("ece", "ECE", 8, 4), ("params", "params", 12, 0),
+            ("tta", "TTA", 16, 0), ("top2_acc", "top-2", 8, 4), ("macro_auc", "macro AUC", 10, 4),
+            ("macro_f1", "macro F1", 10, 4), ("ece", "ECE", 8, 4), ("params", "params", 12, 0),
             ("train_seconds", "train s", 10, 1), ("images_per_second", "images/s", 10, 1)]
     print("".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (_, h, w, _) in enumerate(cols)))
     for r in rows:

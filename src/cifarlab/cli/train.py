@@ -8,17 +8,17 @@ from pathlib import Path
 from ..config import load_config
 from ..errors import CifarlabError
 from ..trackers import TRACKER_NAMES
-from .common import add_config_args, config_overrides
+from .common import DEVICE_HELP, add_config_args, add_out_arg, config_overrides
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model", description="Train a model and write runs/<name>/.")
     add_config_args(p)
-    p.add_argument("--out", default="runs", metavar="DIR", help="folder that holds run directories (default: runs)")
+    add_out_arg(p, "folder that receives the run directory OUT/NAME (default: runs)", default="runs")
     p.add_argument("--name", metavar="NAME", help="run directory name (default: <model>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (short for --set train.device=...)")
+    p.add_argument("--device", help=f"{DEVICE_HELP}; short for --set train.device=...")
     p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (short for --set train.precision=...)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images and count them")
     p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="also checkpoint every N steps")

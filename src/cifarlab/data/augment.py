@@ -37,7 +37,7 @@ def study_affine(n: int, cfg: DataConfig, gen: torch.Generator, device: torch.de
     cx = u(-1.0, 1.0) * (1 - w)  # crop centre, normalized coords in [-1, 1]
     cy = u(-1.0, 1.0) * (1 - h)
     angle = u(-cfg.rotation, cfg.rotation) * (math.pi / 180.0)
-    flip = torch.where((torch.rand(n, generator=gen, device=device) < 0.5) & torch.tensor(cfg.hflip, device=device),
+    flip = torch.where((torch.rand(n, generator=gen, device=device) < 0.5) & torch.tensor(cfg.augment_flip, device=device),
                        -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
     # theta = Flip @ Rot @ Crop: crop picks a window of the rotated image, rotation samples the flipped one.

@@ -76,6 +76,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
                      "macro_auc": m["macro_auc"], "macro_f1": m["macro_f1"], "ece": m["ece"],
                      "params": s.get("params", r.weights_meta.get("params")), "train_seconds": s.get("train_seconds"),
                      "images_per_second": s.get("images_per_second"), "epochs": s.get("epochs"),
+                     "tta": r.test_metrics.get("tta"),
                      "best_val_acc": s.get("best_val_acc"), "train_images": s.get("train_images"),
                      "device": s.get("device")})
         per_run[name] = {k: m[k] for k in ("per_class", "micro_auc", "macro_roc_curve_auc", "calibration",
@@ -97,11 +98,11 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
               "per_run": per_run, "figures": [p.name for _, p, _ in figs]}
     atomic_write_text(out / "comparison.json", json.dumps(json_safe(result), indent=2))
 
-    header = ["run", "model", "test loss", "test accuracy", "top-2 accuracy", "macro AUC", "macro F1", "ECE",
-              "parameters", "training time (s)", "images / s", "epochs", "best val. accuracy"]
-    table_rows = [[r["run"], r["model"], r["test_loss"], r["test_acc"], r["top2_acc"], r["macro_auc"], r["macro_f1"],
-                   r["ece"], r["params"], r["train_seconds"], r["images_per_second"], r["epochs"], r["best_val_acc"]]
-                  for r in rows]
+    header = ["run", "model", "test loss", "test accuracy", "TTA", "top-2 accuracy", "macro AUC", "macro F1", "ECE",
+              "parameters", "training time (s)", "images / s", "epochs", "best val. accuracy (no TTA)"]
+    table_rows = [[r["run"], r["model"], r["test_loss"], r["test_acc"], r["tta"] or "?", r["top2_acc"], r["macro_auc"],
+                   r["macro_f1"], r["ece"], r["params"], r["train_seconds"], r["images_per_second"], r["epochs"],
+                   r["best_val_acc"]] for r in rows]
     pc_header = ["class"] + [f"{n}: accuracy" for n in names] + [f"{n}: F1" for n in names]
     pc_rows = [[c] + [per_run[n]["per_class"][c]["accuracy"] for n in names]
                + [per_run[n]["per_class"][c]["f1"] for n in names] for c in runs[0].classes]

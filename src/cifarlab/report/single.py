@@ -52,11 +52,11 @@ def run_summary_rows(run: RunFiles, m: dict[str, Any]) -> list[tuple[str, Any]]:
     return [
         ("model", run.config.model.name), ("parameters", s.get("params", run.weights_meta.get("params"))),
         ("epochs", s.get("epochs")), ("best epoch (validation)", s.get("best_epoch")),
-        ("best validation accuracy", s.get("best_val_acc")), ("training time (s)", s.get("train_seconds")),
+        ("best validation accuracy (no TTA)", s.get("best_val_acc")), ("training time (s)", s.get("train_seconds")),
         ("training images per second", s.get("images_per_second")),
         ("device / precision", f"{s.get('device', '?')} / {s.get('precision', '?')}"),
         ("train / validation images", f"{s.get('train_images', '?')} / {s.get('val_images', '?')}"),
-        ("data", s.get("data_source", run.config.data.path)), ("test-time augmentation", run.test_metrics.get("tta")),
+        ("data", s.get("data_source", run.config.data.path)), ("test-time augmentation (test numbers)", run.test_metrics.get("tta")),
         ("test images", m["num_test"]), ("test loss", m["test_loss"]), ("top-1 accuracy", m["top1_accuracy"]),
         ("top-2 accuracy", m["top2_accuracy"]),
         *([("top-5 accuracy", m["top5_accuracy"])] if "top5_accuracy" in m else []),

@@ -203,6 +203,9 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, batches_like: Device
     return torch.cat(out) if out else torch.zeros(0)
 
 
+TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}  # forward passes per image of each train.tta
+
+
 def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     """Test-time augmentation: average the logits over flips (and one-pixel translations).
 
@@ -273,7 +276,9 @@ def _open_run_dir(run_dir: Path, clear: bool) -> None:
 def weights_meta(cfg: RunConfig, data: CifarData, model: nn.Module, epoch: int, val_acc: float) -> dict:
     return {"model": cfg.model.name, "hparams": cfg.model.params, "num_classes": data.num_classes,
             "classes": data.classes, "image_size": cfg.data.image_size, "mean": data.mean, "std": data.std,
-            "epoch": epoch, "val_acc": val_acc, "params": count_parameters(unwrap(model))}
+            "epoch": epoch, "val_acc": val_acc, "params": count_parameters(unwrap(model)),
+            # Model selection scores one view; evaluate and predict default to the run's train.tta.
+            "val_tta": "none", "tta": cfg.train.tta}
 
 
 def rng_state() -> dict:
@@ -507,12 +512,12 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         "device": str(rt.device), "precision": rt.precision, "world_size": dist.world_size(),
         "train_images": len(data.train_x), "val_images": len(data.val_x), "classes": data.classes,
         "skipped_images": data.skipped, "skipped_batches": state.skipped_batches,
-        "data_source": data.source,
+        "data_source": data.source, "val_tta": "none", "test_tta": t.tta,
     }
     if dist.is_main():
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         log(f"done: best val acc {summary['best_val_acc'] if summary['best_val_acc'] is not None else float('nan'):.4f} "
-            f"(epoch {state.best_epoch}) in {state.train_seconds:.0f}s -> {run_dir}")
+            f"(epoch {state.best_epoch}, no tta; evaluate uses tta {t.tta}) in {state.train_seconds:.0f}s -> {run_dir}")
     return summary
 
 

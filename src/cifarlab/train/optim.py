@@ -63,7 +63,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
                     steps_per_epoch: int) -> tuple[LRScheduler, bool]:
     """Return (scheduler, per_step): per_step schedulers step every batch, the others every epoch."""
     total = max(1, epochs * steps_per_epoch)
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    # The warm-up in steps: a share of the run (warmup_fraction, which scales with the epochs) or in epochs.
+    warm = int(round(cfg.warmup_fraction * total if cfg.warmup_fraction else cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "exponential":  # the study's: lr * gamma**epoch
         return ExponentialLR(optimizer, gamma=cfg.gamma), False
     if cfg.schedule == "onecycle":
