@@ -131,13 +131,13 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     pc_header = ["class"] + [f"{n}: accuracy" for n in names] + [f"{n}: F1" for n in names]
     pc_rows = [[c] + [per_run[n]["per_class"][c]["accuracy"] for n in names]
                + [per_run[n]["per_class"][c]["f1"] for n in names] for c in nums["classes"]]
-    sections = [("Summary", H.table(header, table_rows) + ("<p>Groups: means over seeds.</p>" if any_group else ""))]
+    sections = [("Summary", H.table(header, table_rows) + ("<p>Groups: means over seeds.</p>" if any_group else "")),
+                ("Per class", H.table(pc_header, pc_rows))]
+    sections += [(h, H.figure(p, h, cap)) for h, p, cap in figs]
     if any_group:
         sections.append(("Spread over seeds", spread_table(rows)))
     if nums["significance"]:
         sections.append(("Significance", significance_table(nums["significance"])))
-    sections.append(("Per class", H.table(pc_header, pc_rows)))
-    sections += [(h, H.figure(p, h, cap)) for h, p, cap in figs]
     configs = "".join(f"<details><summary>{H.esc(e.name)} ({H.esc(e.path)})</summary><pre>"
                       f"{H.esc(e.runs[0].config_text)}</pre></details>" for e in entries)
     sections.append(("Configurations", configs))
