@@ -54,13 +54,13 @@ def _start(study: Path, log: Path) -> subprocess.Popen:
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
-def _kill_when(proc: subprocess.Popen, log: Path, after: str, then: str, timeout: float = 60) -> str:
-    """SIGTERM the study once ``then`` appears in its output after ``after``; returns the output."""
+def _kill_when(proc: subprocess.Popen, log: Path, after: str, then: str, timeout: float = 60, ready=None) -> str:
+    """SIGTERM the study once ``then`` appears in its output after ``after`` (and ``ready()``); returns the output."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         text = log.read_text()
         i = text.find(after)
-        if i >= 0 and then in text[i:]:
+        if i >= 0 and then in text[i:] and (ready is None or ready()):
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
             return log.read_text()
@@ -83,8 +83,10 @@ def test_study_end_to_end_killed_twice(small_folder, tmp_path):
     sdir = tmp_path / "studies" / "tiny"
     log = tmp_path / "run1.log"
     # kill 1: during the first model's stage-2 sweep, once one of its trials finished
-    out = _kill_when(_start(study, log), log, "stage 3/6 stage2", "trial 0 complete")
     stage2 = sdir / "sweeps" / "tiny-cnn-stage2"
+    # the storage, not the log line, says when a trial is finished (the line comes just before Optuna records it)
+    _kill_when(_start(study, log), log, "stage 3/6 stage2", "trial 0 complete",
+               ready=lambda: any(t.state.name == "COMPLETE" for t in _trials(stage2)))
     before = {t.number: t.value for t in _trials(stage2) if t.state.name == "COMPLETE"}
     stage1_before = {t.number: t.value for t in _trials(sdir / "sweeps" / "tiny-cnn-stage1")}
     assert before and len(stage1_before) == 2
