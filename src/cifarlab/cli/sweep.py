@@ -56,6 +56,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--output", metavar="FILE", help=argparse.SUPPRESS)
         q.set_defaults(func={"narrow": narrow_cmd, "report": report_cmd, "best": best_cmd}[name])
 
+    d = verbs.add_parser("dashboard", help="open the sweep's storage in optuna-dashboard (live view of its trials)",
+                         description="Serve optuna-dashboard on the sweep's storage, on 127.0.0.1 only "
+                                     "(needs pip install 'cifarlab[dashboard]').")
+    d.add_argument("study", metavar="DIR", help="sweep directory (sweeps/NAME), or a study name with --storage")
+    d.add_argument("--storage", metavar="URL", help="storage URL (default: the one recorded in the directory)")
+    d.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
+    d.set_defaults(func=dashboard_cmd)
+
 
 def run_cmd(args: argparse.Namespace) -> int:
     from ..sweep import run_sweep
@@ -120,3 +128,27 @@ def _output_file(args: argparse.Namespace, name: str) -> Path | None:
         return Path(args.out)
     return Path(args.out) / name
 
+
+def dashboard_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from ..errors import CifarlabError
+
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise CifarlabError("sweep dashboard needs optuna-dashboard: pip install 'cifarlab[dashboard]'") from None
+    ref = Path(args.study)
+    if args.storage:
+        url = args.storage
+    elif (ref / "study.json").is_file():
+        url = json.loads((ref / "study.json").read_text())["storage"]
+    else:
+        raise CifarlabError(f"{ref} is not a sweep directory (no study.json); give sweeps/NAME or --storage URL")
+    from ..sweep.engine import _redact, open_storage
+
+    store = open_storage(url)
+    print(f"optuna-dashboard on http://127.0.0.1:{args.port}/dashboard (storage {_redact(url)}); Ctrl-C stops it",
+          flush=True)
+    optuna_dashboard.run_server(store, host="127.0.0.1", port=args.port)  # loopback only: no auth in the dashboard
+    return 0

@@ -390,7 +390,7 @@ def work(run: Worker) -> str:
             try:
                 if run.orphaned():  # `sweep run` was killed (kill -9): its workers stop with it
                     return "interrupted"
-                _fail_stale(study)
+                _fail_stale(study, GRACE_FACTOR * run.heartbeat)
                 trials = study.get_trials(deepcopy=False)
                 done = sum(map(counted, trials))
                 if done >= run.budget or target_reached(run.spec, trials):
@@ -553,12 +553,32 @@ def _last(hist: dict, metric: str) -> str:
     return f"{metric} {v:.4f}" if v is not None else f"no {metric}"
 
 
-def _fail_stale(study) -> None:
+def _fail_stale(study, grace: float | None = None) -> None:
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study)
+    if grace is None:
+        return
+    # A worker stopped (Ctrl-C, SIGTERM, kill -9) between Optuna creating a trial and the objective
+    # starting leaves a RUNNING trial that never got a heartbeat, so the check above never fails it and
+    # the budget gate waits on it forever. The objective marks its trial ("worker") at once: a trial
+    # still unmarked after the grace period is dead. (Clocks of machines sharing a storage must agree
+    # to within the grace period.)
+    from datetime import datetime
+
+    from optuna.trial import TrialState
+
+    now = datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" in t.user_attrs or t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                requeue(study, study._storage.get_trial(t._trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker got there first
 
 
 @contextlib.contextmanager
