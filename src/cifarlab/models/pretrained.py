@@ -181,25 +181,32 @@ def _download_failed(what: str, place: Path, reason: str) -> CheckpointError:
 
 
 def _fetch_torchvision(name: str) -> Path:
-    path = torchvision_cache_file(name)
+    return _fetch_url(_torchvision_weights(name).url, name)
+
+
+def _fetch_url(url: str, name: str) -> Path:
+    """A file of torch's hub cache (``$TORCH_HOME/hub/checkpoints/``), downloaded there when missing."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if path.is_file():
         return path
-    w = _torchvision_weights(name)
     if offline():
-        raise _download_failed(f"{name} ({w.url})", path, "CIFARLAB_OFFLINE is set")
+        raise _download_failed(f"{name} ({url})", path, "CIFARLAB_OFFLINE is set")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         from torch.hub import HASH_REGEX, download_url_to_file
 
-        match = HASH_REGEX.search(path.name)
-        download_url_to_file(w.url, str(path), hash_prefix=match.group(1) if match else None, progress=True)
+        match = HASH_REGEX.search(path.name)  # torchvision's file names carry their sha256 prefix
+        download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=True)
     except Exception as e:  # URLError, OSError, RuntimeError (hash mismatch) ...
-        raise _download_failed(f"{name} ({w.url})", path, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}") \
+        raise _download_failed(f"{name} ({url})", path, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}") \
             from None
     return path
 
 
 def _fetch_timm(name: str) -> Path:
+    c = pretrained_cfg(name)
+    if not c.get("hf_hub_id"):  # older timm weights published only as a URL: torch's hub cache, as timm would
+        return _fetch_url(str(c["url"]), name)
     hit, place = timm_cache_file(name)
     if hit is not None:
         return hit
