@@ -64,8 +64,8 @@ def pretrained_spec(name: str) -> InputSpec:
     """The input the published weights of ``name`` were trained with (no download)."""
     if is_timm(name):
         c = pretrained_cfg(name)
-        return InputSpec(int(c["input_size"][-1]), list(c["mean"]), list(c["std"]),
-                         f"timm {c.get('architecture')}.{c.get('tag')}" if c.get("tag") else f"timm {c.get('architecture')}")
+        tag = f"{c.get('architecture')}.{c['tag']}" if c.get("tag") else str(c.get("architecture"))
+        return InputSpec(int(c["input_size"][-1]), list(c["mean"]), list(c["std"]), f"timm {tag}")
     w = _torchvision_weights(name)
     tf = w.transforms()  # ImageClassification(crop_size=224, resize_size=256, mean, std)
     return InputSpec(int(tf.crop_size[0]), list(tf.mean), list(tf.std), f"torchvision {type(w).__name__}.{w.name}")

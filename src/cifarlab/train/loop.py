@@ -29,7 +29,7 @@ from ..data import CifarData, load_data
 from ..data.augment import BatchAugment
 from ..data.loader import DeviceBatches, step_seed
 from ..errors import CheckpointError, CifarlabError, ConfigError
-from ..models import count_parameters, create_model
+from ..models import count_parameters
 from . import distributed as dist
 from .checkpoint import (atomic_write_text, load_checkpoint, load_into, save_checkpoint, save_weights,
                          state_dict_cpu, unwrap)
