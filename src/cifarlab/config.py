@@ -62,7 +62,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"
+    name: str = "cnn"  # a registered model (`cifarlab models`) or timm/<architecture> (timm's zoo, extra `timm`)
+    # Starting weights and the input they expect (docs/finetune.md; cifarlab.models.pretrained):
+    pretrained: bool = False  # start from published ImageNet weights (resnet18: torchvision's; timm/*: timm's)
+    weights: str | None = None  # a local state dict (safetensors, or torch's loaded with weights_only) to start from
+    input_size: int = 0  # pixels the model sees; 0 = the pretrained weights' size, else data.image_size
+    mean: list[float] | None = None  # input normalization in [0, 1] units; None = the pretrained weights', else
+    std: list[float] | None = None  # the training split's. Batches of another size are resized on the device
     params: dict[str, Any] = field(default_factory=dict)  # builder kwargs, flattened into the section in YAML
 
 
@@ -80,6 +86,7 @@ class OptimConfig:
     warmup_fraction: float = 0.0  # the warm-up as a share of the run (0..1): it scales with train.epochs
     min_lr_ratio: float = 0.0  # final lr / peak lr for cosine / linear
     lr_scale_rule: str = "none"  # none | linear | sqrt: scale lr by world size in distributed runs
+    backbone_lr_scale: float = 1.0  # lr of everything but the head, relative to lr (discriminative lrs)
 
 
 @dataclass
@@ -105,7 +112,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also write the last checkpoint every N steps (0 = per epoch only)
     nan_policy: str = "stop"  # stop | skip-batch
     log_every: int = 20  # steps between progress-bar updates (each costs one host sync)
+    freeze_epochs: int = 0  # fine-tuning: train only the head for this many epochs, then everything
+    freeze_bn: bool = False  # fine-tuning: BatchNorm layers keep their running statistics (eval mode) all run
 
+
+_MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"params"}  # model keys that are not builder kwargs
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
 
@@ -166,7 +177,7 @@ class RunConfig:
                 _reset_model_params(obj, name)
             obj.name = name
             return
-        if section == "model":
+        if section == "model" and key not in _MODEL_FIELDS:
             if key == "params":
                 if not isinstance(value, dict):
                     raise ConfigError("model.params must be a mapping")
@@ -260,6 +271,8 @@ class RunConfig:
         _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 0")
         _check(t.nan_policy in ("stop", "skip-batch"), "train.nan_policy", t.nan_policy, "must be stop or skip-batch")
         _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+        _check(0 <= t.freeze_epochs <= t.epochs, "train.freeze_epochs", t.freeze_epochs, "must be in [0, train.epochs]")
+        _check(o.backbone_lr_scale >= 0, "optim.backbone_lr_scale", o.backbone_lr_scale, "must be >= 0")
 
         from .models import model_defaults, validate_model_params  # late import: models import torch
 
@@ -269,6 +282,9 @@ class RunConfig:
         _check(not (d.progressive_size and d.progressive_size < size and fixed_size),
                "data.progressive_size", d.progressive_size,
                f"needs a model that takes any image size (resnet18, speednet); {m.name} is built for data.image_size")
+        from .models.pretrained import check_model_config
+
+        check_model_config(self)  # pretrained / weights / input_size / mean / std
         return self
 
 

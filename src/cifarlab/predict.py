@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .data.folder import IMAGE_EXTS, decode_image, to_rgb_array
 from .data.loader import DeviceBatches
 from .errors import CifarlabError, DataError
-from .models import create_model, model_defaults
+from .models import create_for_input
 from .train.checkpoint import load_into, load_weights
 from .train.loop import TTA_VIEWS, predict_logits
 from .train.runtime import Runtime, resolve_device
@@ -88,10 +88,9 @@ class Predictor:
         missing = [k for k in ("model", "num_classes", "classes", "image_size", "mean", "std") if k not in meta]
         if missing:
             raise CifarlabError(f"{weights.with_suffix('.json')} lacks {', '.join(missing)}")
-        params = dict(meta.get("hparams") or {})
-        if "image_size" in model_defaults(meta["model"]) and "image_size" not in params:
-            params["image_size"] = meta["image_size"]
-        model = create_model(meta["model"], int(meta["num_classes"]), **params)
+        image_size = int(meta["image_size"])  # a pretrained model's input_size: it resizes the images itself
+        model = create_for_input(meta["model"], int(meta["num_classes"]), dict(meta.get("hparams") or {}),
+                                 int(meta.get("input_size") or image_size), image_size)
         load_into(model, tensors, str(weights))
         return cls(model, meta, resolve_device(device), tta=run_tta(path, meta) if tta is None else tta)
 
