@@ -208,7 +208,10 @@ def lr_find(cfg: RunConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0, num
     t = cfg.train
     rt = setup_runtime(t, cfg.model.name)
     seed_everything(t.seed)
-    data = data if data is not None else load_data(cfg.data)
+    data = data if data is not None else load_data(cfg.data, rt.device)
+    from ..data.dataset import apply_data_defaults
+
+    apply_data_defaults(cfg, data)  # data.image_size from the images, as fit does
     model = build_model(cfg, data.num_classes)
     line = load_initial_weights(model, cfg, data.num_classes)
     if line and log:
