@@ -65,7 +65,9 @@ def narrow_cmd(args: argparse.Namespace) -> int:
     s = open_study(args.study, args.storage)
     text, _ = narrow(s, args.top)
     out = Path(args.output) if args.output else (s.sweep_dir or Path(".")) / f"narrow-top{args.top}.yaml"
-    out.write_text(text)
+    from ..train.checkpoint import atomic_write_text
+
+    atomic_write_text(out, text)
     print(out)
     return 0
 
@@ -85,7 +87,9 @@ def best_cmd(args: argparse.Namespace) -> int:
 
     text = best_config_yaml(open_study(args.study, args.storage))
     if args.output:
-        Path(args.output).write_text(text)
+        from ..train.checkpoint import atomic_write_text
+
+        atomic_write_text(args.output, text)
         print(args.output)
     else:
         sys.stdout.write(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..config import load_config
@@ -14,9 +15,12 @@ from .common import add_config_args, config_overrides
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model", description="Train a model and write runs/<name>/.")
     add_config_args(p)
-    p.add_argument("--out", default="runs", metavar="DIR", help="folder that holds run directories (default: runs)")
+    p.add_argument("--out", metavar="DIR", help="folder that holds run directories (default: runs)")
     p.add_argument("--name", metavar="NAME", help="run directory name (default: <model>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint (or start it from its config.yaml if "
+                        "it had none); takes the run's own config: --epochs may add epochs, --set may change "
+                        "only how it runs (device, precision, threads, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (short for --set train.device=...)")
     p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (short for --set train.precision=...)")
@@ -56,14 +60,23 @@ def _run(args: argparse.Namespace, trackers) -> None:
     if args.skip_bad_images:
         overrides.append("data.skip_bad_images=true")
     if args.resume:
+        from ..train.resume import resume_config
+
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise CifarlabError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        # These name another run than RUN_DIR's own: refused rather than ignored (issue 20).
+        given = [flag for flag, value in (("--config", args.config), ("--out", args.out), ("--name", args.name),
+                                          ("--overwrite", args.overwrite)) if value]
+        if given:
+            raise CifarlabError(f"--resume {run_dir} continues that run with its own config.yaml, folder and name: "
+                                f"drop {', '.join(given)} (or start a new run without --resume)")
+        cfg, notes = resume_config(run_dir, overrides)
+        if os.environ.get("RANK", "0") == "0":  # before fit, torchrun's process group is not up yet
+            for note in notes:
+                print(f"resume: {note}")
         out, name = run_dir.parent, run_dir.name
     else:
         cfg = load_config(args.config, overrides)
-        out, name = Path(args.out), args.name
+        out, name = Path(args.out or "runs"), args.name
     summary = fit(cfg, out, name, resume=bool(args.resume), overwrite=args.overwrite, trackers=trackers)
     if not dist.is_main():  # under torchrun, rank 0 alone evaluates and writes the report
         return
