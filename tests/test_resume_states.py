@@ -119,6 +119,9 @@ def test_unreadable_last_pt_falls_back_to_the_previous_checkpoint(damage, traine
     assert (f"{last} is missing" in note[0]) if damage == "missing" else ("damaged or not a checkpoint" in note[0])
     assert f"resuming {run} at epoch 2, step 0" in out
     assert_same_run(run, trained_run)
+    # The unreadable file was set aside, not rotated into the reserve: last.prev.pt is still the good one.
+    assert load_checkpoint(run / "last.prev.pt")["train_state"]["epoch"] == 1
+    assert (run / "last.pt.damaged").is_file() == (damage != "missing")
 
 
 def test_no_readable_checkpoint_starts_the_run_again(trained_run, tmp_path, capsys):

@@ -35,7 +35,7 @@ from .checkpoint import (atomic_write_text, load_into, save_checkpoint, save_wei
                          state_dict_cpu, unwrap)
 from .ema import Lookahead, ModelEMA
 from .optim import apply_decoupled_wd, build_optimizer, build_scheduler
-from .resume import existing_run_message, find_checkpoint, is_temp_file, run_files
+from .resume import existing_run_message, find_checkpoint, is_temp_file, run_files, set_aside_unreadable
 from .runtime import Runtime, maybe_compile, process_age, setup_runtime
 
 if TYPE_CHECKING:
@@ -396,6 +396,7 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         # config.yaml, which --resume needs should this start be killed too (it is rewritten just below).
         restart = resume and ckpt_state is None
         _open_run_dir(run_dir, clear=(overwrite and not resume) or restart, keep=("config.yaml",) if restart else ())
+        set_aside_unreadable(run_dir, ckpt_path)
         cfg.save(run_dir / "config.yaml")
         if ckpt_state is None:
             _write_metrics_header(run_dir / "metrics.csv")

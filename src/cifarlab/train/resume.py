@@ -20,6 +20,7 @@ and is refused (:func:`resume_config`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,17 @@ def find_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any] | None, Path | 
         return None, None, (f"no usable checkpoint in {run_dir} ({'; '.join(problems)}): "
                             f"starting the run again from its config.yaml")
     return None, None, f"no checkpoint in {run_dir} yet (stopped before the first one): starting the run from its config.yaml"
+
+
+def set_aside_unreadable(run_dir: Path, used: Path | None) -> None:
+    """When the resume passed over an unreadable last.pt, rename it to last.pt.damaged: left in place, the next
+    checkpoint would rotate it into last.prev.pt and the good previous checkpoint would be gone."""
+    last = Path(run_dir) / CHECKPOINT
+    if used is not None and used != last and last.is_file():
+        try:
+            os.replace(last, last.with_name(CHECKPOINT + ".damaged"))
+        except OSError:
+            pass  # the run goes on; only the reserve is weaker
 
 
 def existing_run_message(run_dir: Path) -> str:
