@@ -103,10 +103,18 @@ def start_and_kill(cmd: list[str], env: dict[str, str], moment: float, log: Path
                 proc.kill()
 
 
-def describe(run_dir: Path) -> str:
-    """What a kill left in the run directory, in a few words (for the printed log)."""
+def cache_state(cache: Path) -> str:
+    """The decode cache a kill left: none, whole, or temp files of a cut write."""
+    npz = list(cache.glob("decoded/*/data.npz"))
+    tmp = list(cache.glob("decoded/*/*.tmp"))
+    state = "whole" if npz and list(cache.glob("decoded/*/meta.json")) else "not written yet"
+    return f"cache {state}" + (f", {len(tmp)} temp file(s) of a cut cache write" if tmp else "")
+
+
+def describe(run_dir: Path, cache: Path | None = None) -> str:
+    """What a kill left in the run directory (and, before it exists, in the cache), in a few words."""
     if not run_dir.is_dir():
-        return "no run dir"
+        return "no run dir" + (f" ({cache_state(cache)})" if cache is not None else "")
     names = sorted(p.name for p in run_dir.iterdir())
     real = [n for n in names if not (n.startswith(".") and n.endswith(".tmp"))]
     tmp = len(names) - len(real)
@@ -178,6 +186,7 @@ class Cycle:
 
 def chaos_cycle(new_cmd: list[str], run_dir: Path, env: dict[str, str], draw: Callable[[], float], kills: int,
                 log: Path, say: Callable[[str], None] = lambda s: None, cold: bool = False) -> Cycle:
+    cache = Path(env["CIFARLAB_CACHE"])
     """Kill the run ``kills`` times at moments from ``draw()`` (fewer if it finishes first), then resume it to
     its end. A process that ends before its moment counts no kill."""
     cycle = Cycle()
@@ -193,7 +202,7 @@ def chaos_cycle(new_cmd: list[str], run_dir: Path, env: dict[str, str], draw: Ca
             cycle.missed.append(moment)
             say(f"  draw {moment:5.2f} s: the {'resume' if started else 'run'} ended first")
             break
-        k = Kill(moment, "resume" if started else "new", describe(run_dir), cold and not cycle.kills)
+        k = Kill(moment, "resume" if started else "new", describe(run_dir, cache), cold and not cycle.kills)
         cycle.kills.append(k)
         say("  " + k.line())
     else:
@@ -207,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the JPEG image folder of CIFAR-10")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--per-run", type=int, default=3, help="most kills before a run is let finish (default 3)")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs of the run (default 6: on a loaded 2-core CPU, "
+                    "about half the process life is training)")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
@@ -218,9 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
         log = work / "log.txt"
         ref = work / "runs" / "clean"
         shutil.rmtree(ref, ignore_errors=True)
-        life = run_to_end(train_command(data, work / "runs", "clean", 4), env_with(work / "cache-clean"), log)
+        epochs = {"train.epochs": args.epochs}
+        life = run_to_end(train_command(data, work / "runs", "clean", 4, **epochs), env_with(work / "cache-clean"), log)
         say(f"uninterrupted run: {life:.1f} s from start to exit (cold cache); kill moments drawn from [0, {life:.1f}) s")
-        moments, exact, n = [], 0, 0
+        moments, exact, n, where = [], 0, 0, {}
         while n < args.kills:
             name = f"run{n:03d}"
             every = rng.choice([1, 2, 3, 5])  # the checkpoint interval does not change the result
@@ -228,17 +240,23 @@ def main(argv: list[str] | None = None) -> dict:
             run_dir = work / "runs" / name
             kills = min(args.kills - n, rng.randint(1, args.per_run))
             say(f"{name}: checkpoint every {every} steps, up to {kills} kill(s), cold cache")
-            cycle = chaos_cycle(train_command(data, work / "runs", name, every), run_dir, env_with(cache),
+            cycle = chaos_cycle(train_command(data, work / "runs", name, every, **epochs), run_dir, env_with(cache),
                                 lambda: rng.uniform(0, life), kills, log, say, cold=True)
             if not cycle.kills:
                 continue  # the only draw came after the run ended: draw again on a new run
             diffs = same_result(run_dir, ref)
             n += len(cycle.kills)
             moments += [round(k.moment, 2) for k in cycle.kills]
+            for k in cycle.kills:
+                w = ("before the run dir" if k.left.startswith("no run dir") else "no checkpoint yet"
+                     if k.left.startswith(("empty", "no checkpoint")) else "after a checkpoint")
+                where[w] = where.get(w, 0) + 1
             exact += 0 if diffs else len(cycle.kills)
             say(f"  {'exact' if not diffs else 'DIFFERS: ' + ', '.join(diffs)} ({n}/{args.kills} kills)")
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
+        say("where the kills landed: " + ", ".join(f"{c} x {w}" for w, c in sorted(
+            where.items(), key=lambda x: -x[1])))
         result = {"kills": n, "exact": exact, "moments_s": moments}
         print(json.dumps(result))
         return result

@@ -32,9 +32,11 @@ CHECKPOINT = "last.pt"
 
 # Keys --set may change on --resume: where and how the run executes, not what it computes (train.epochs:
 # only upwards, see resume_config). data.path: the same data may have moved (another machine).
+# data.skip_bad_images: a run that trained had no unreadable image, and one that stopped on it has no
+# checkpoint to continue from (its resume starts over).
 SAFE_ON_RESUME = ("train.epochs", "train.device", "train.precision", "train.num_threads", "train.compile",
                   "train.channels_last", "train.checkpoint_every_steps", "train.nan_policy", "train.log_every",
-                  "train.eval_batch_size", "train.tta", "data.path")
+                  "train.eval_batch_size", "train.tta", "data.path", "data.skip_bad_images")
 
 
 def is_temp_file(p: Path) -> bool:
