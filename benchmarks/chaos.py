@@ -242,8 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
             say(f"{name}: checkpoint every {every} steps, up to {kills} kill(s), cold cache")
             cycle = chaos_cycle(train_command(data, work / "runs", name, every, **epochs), run_dir, env_with(cache),
                                 lambda: rng.uniform(0, life), kills, log, say, cold=True)
-            if not cycle.kills:
-                continue  # the only draw came after the run ended: draw again on a new run
+            if not cycle.kills:  # the only draw came after the run ended: draw again on a new run
+                shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.rmtree(cache, ignore_errors=True)
+                continue
             diffs = same_result(run_dir, ref)
             n += len(cycle.kills)
             moments += [round(k.moment, 2) for k in cycle.kills]
