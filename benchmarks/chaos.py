@@ -12,7 +12,8 @@ uniformly over [0, T) after its start -- while Python imports torch, while the J
 cache is written (each cycle starts on a cold, private CIFARLAB_CACHE), between the run directory's
 creation and the first step, inside a checkpoint write, at the final summary -- and resume. A draw the
 process outlives is no kill: that run has finished, it is compared with the uninterrupted one, and the next
-cycle starts a new run. ``exact`` counts the kills whose cycle ended with the same ``metrics.csv`` (the
+cycle starts a new run (and when it lasted less than T, T becomes its life: the load of a shared machine
+varies). ``exact`` counts the kills whose cycle ended with the same ``metrics.csv`` (the
 wall-clock ``seconds`` column aside) and bit-identical best weights (every tensor of ``best.safetensors``;
 the file's bytes differ because safetensors writes its metadata map in a random order).
 
@@ -181,6 +182,7 @@ class Cycle:
 
     kills: list[Kill] = field(default_factory=list)
     missed: list[float] = field(default_factory=list)  # moments the process outlived
+    ran: float | None = None  # life of a first process that outlived its moment (start to exit)
     diffs: list[str] | None = None  # None: not compared yet
 
 
@@ -195,8 +197,11 @@ def chaos_cycle(new_cmd: list[str], run_dir: Path, env: dict[str, str], draw: Ca
         started = (run_dir / "config.yaml").is_file()  # else: the run never wrote a file; run the command again
         cmd = resume_cmd if started else new_cmd
         moment = draw()
+        t0 = time.monotonic()
         killed, rc = start_and_kill(cmd, env, moment, log)
         if not killed:
+            if not cycle.kills:
+                cycle.ran = time.monotonic() - t0
             if rc != 0:
                 raise RuntimeError(f"{'resume' if started else 'run'} exited {rc} without a kill; see {log}")
             cycle.missed.append(moment)
@@ -242,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
             say(f"{name}: checkpoint every {every} steps, up to {kills} kill(s), cold cache")
             cycle = chaos_cycle(train_command(data, work / "runs", name, every, **epochs), run_dir, env_with(cache),
                                 lambda: rng.uniform(0, life), kills, log, say, cold=True)
+            if cycle.ran is not None and cycle.ran < life:  # the machine got faster (a shared machine's load
+                life = cycle.ran                             # varies): draw from the life seen now
+                say(f"  a run now lasts {life:.1f} s: kill moments drawn from [0, {life:.1f}) s from here")
             if not cycle.kills:  # the only draw came after the run ended: draw again on a new run
                 shutil.rmtree(run_dir, ignore_errors=True)
                 shutil.rmtree(cache, ignore_errors=True)
