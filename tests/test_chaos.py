@@ -53,6 +53,7 @@ def _load_chaos():
 chaos = _load_chaos()
 SEED = int(os.environ.get("CIFARLAB_CHAOS_SEED") or random.SystemRandom().randrange(10**6))
 MIN_TRAIN_KILLS = 8
+EPOCHS = {"train.epochs": 5}  # about half of a process's life is training (the rest: start-up, decode, exit)
 
 
 @pytest.fixture()
@@ -75,9 +76,18 @@ def test_random_kills_of_training_then_resume_give_the_uninterrupted_run(tmp_pat
     data = make_subset(tmp_path / "data", 50, 10)
     runs, log = tmp_path / "runs", tmp_path / "log.txt"
     warm = tmp_path / "cache-warm"
-    life = chaos.run_to_end(chaos.train_command(data, runs, "clean", 4), chaos.env_with(warm), log)
-    say(f"\n[chaos train] seed {SEED} (CIFARLAB_CHAOS_SEED={SEED} replays it); uninterrupted run {life:.1f} s "
-        f"from start to exit on a cold cache: kill moments drawn from [0, {life:.1f}) s")
+    # Two uninterrupted runs side by side, as the lanes run below: their mean life (cold cache) is the window
+    # the kill moments are drawn from, and they must agree with each other too.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        lives = list(pool.map(lambda n: chaos.run_to_end(chaos.train_command(data, runs, n, 4, **EPOCHS),
+                                                         chaos.env_with(tmp_path / f"cache-{n}"), log),
+                              ["clean", "clean2"]))
+    life = sum(lives) / 2
+    assert chaos.same_result(runs / "clean", runs / "clean2") == []
+    shutil.copytree(tmp_path / "cache-clean", warm)
+    say(f"\n[chaos train] seed {SEED} (CIFARLAB_CHAOS_SEED={SEED} replays it); two uninterrupted runs side by side "
+        f"{lives[0]:.1f} s and {lives[1]:.1f} s from start to exit on a cold cache: kill moments drawn from "
+        f"[0, {life:.1f}) s")
 
     def lane(i: int) -> tuple[list[str], int, list[str], int]:
         rng = random.Random(SEED * 1000 + i)
@@ -88,7 +98,7 @@ def test_random_kills_of_training_then_resume_give_the_uninterrupted_run(tmp_pat
         lines = [f"lane {i}: checkpoint every {every} steps, {kills} kill(s) planned, "
                  f"{'cold private' if cold else 'warm'} cache"]
         name = f"lane{i}"
-        cycle = chaos.chaos_cycle(chaos.train_command(data, runs, name, every), runs / name, chaos.env_with(cache),
+        cycle = chaos.chaos_cycle(chaos.train_command(data, runs, name, every, **EPOCHS), runs / name, chaos.env_with(cache),
                                   lambda: rng.uniform(0, life), kills, log, lines.append, cold=cold)
         diffs = chaos.same_result(runs / name, runs / "clean")
         lines.append(f"  -> {'same run as the uninterrupted one' if not diffs else 'DIFFERS: ' + ', '.join(diffs)}")
