@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "lr_find.png"
     plot(res, out, title=f"lr range test: {cfg.model.name}" + (f" ({args.config})" if args.config else ""))
-    atomic_write_text(out.with_suffix(".csv"), res.to_csv())
+    atomic_write_text(out.with_suffix(".csv"), res.csv_text())
     stop = (f"stopped at step {len(res.lrs)}: the loss diverged at lr {res.lrs[-1]:.2e}" if res.diverged
             else "no divergence: try a larger --end-lr")
     print(f"lr-find: {len(res.lrs)} of {res.num_it} steps, lr {args.start_lr:.1e} -> {args.end_lr:.1e} ({stop})")

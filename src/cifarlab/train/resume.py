@@ -127,12 +127,6 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> tuple[RunConfig,
     cfg = load_config(run_dir / "config.yaml", overrides)
     before, after = _flat(saved), _flat(cfg)
     changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-    refused = [k for k in changed if k not in SAFE_ON_RESUME]
-    if refused:
-        what = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in refused)
-        raise ConfigError(f"--resume continues the run as it was configured and cannot change {what}; start a new "
-                          f"run for that (--config {run_dir / 'config.yaml'} --set ... --name NEW). On resume "
-                          f"--set may change only: {', '.join(SAFE_ON_RESUME)} (epochs: more, not fewer)")
     notes = []
     if "train.epochs" in changed:
         old, new = saved.train.epochs, cfg.train.epochs
@@ -144,5 +138,11 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> tuple[RunConfig,
                               f"length is fixed when the run starts; start a new run with --epochs {new}")
         notes.append(f"train.epochs {old} -> {new}: the run goes on past its planned end; from here its schedule "
                      f"spans {new} epochs, so it is not the run a {new}-epoch start would give")
+    refused = [k for k in changed if k not in SAFE_ON_RESUME]
+    if refused:
+        what = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in refused)
+        raise ConfigError(f"--resume continues the run as it was configured and cannot change {what}; start a new "
+                          f"run for that (--config {run_dir / 'config.yaml'} --set ... --name NEW). On resume "
+                          f"--set may change only: {', '.join(SAFE_ON_RESUME)} (epochs: more, not fewer)")
     notes += [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed if k != "train.epochs"]
     return cfg, notes
