@@ -30,6 +30,22 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def finish_curve_grid(fig: Figure, axes, max_cols: int) -> None:
+    """A 2-row grid of curves per epoch: shared y within a row (losses with losses, accuracies with
+    accuracies), integer epochs on the bottom row, one legend below."""
+    for row in axes:
+        lo = min(a.get_ylim()[0] for a in row)
+        hi = max(a.get_ylim()[1] for a in row)
+        for a in row:
+            a.set_ylim(lo, hi)
+    for ax in axes[1]:
+        ax.set_xlabel("Epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncols=max(1, min(len(labels), max_cols)), frameon=False,
+               fontsize=10, bbox_to_anchor=(0.5, -0.01))
+
+
 def _finite(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     m = np.isfinite(y)
@@ -232,18 +248,7 @@ def compare_curves(histories: dict[str, dict[str, list[float]]], path: Path) -> 
         ax.set_title(name)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    # Shared y within a row: losses with losses, accuracies with accuracies.
-    for row in axes:
-        lo = min(a.get_ylim()[0] for a in row)
-        hi = max(a.get_ylim()[1] for a in row)
-        for a in row:
-            a.set_ylim(lo, hi)
-    for ax in axes[1]:
-        ax.set_xlabel("Epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 4), frameon=False, fontsize=10,
-               bbox_to_anchor=(0.5, -0.01))
+    finish_curve_grid(fig, axes, max_cols=4)
     fig.suptitle("Training curves of all runs (one colour per run)", fontsize=13)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _save(fig, path)

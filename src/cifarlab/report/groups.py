@@ -49,17 +49,7 @@ def band_curves(histories: dict[str, dict[str, list[float]]], bands: dict[str, d
         ax.set_title(name)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    for row in axes:  # shared y within a row, as in compare_curves
-        lo = min(a.get_ylim()[0] for a in row)
-        hi = max(a.get_ylim()[1] for a in row)
-        for a in row:
-            a.set_ylim(lo, hi)
-    for ax in axes[1]:
-        ax.set_xlabel("Epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncols=max(1, min(len(labels), 3)), frameon=False, fontsize=10,
-               bbox_to_anchor=(0.5, -0.01))
+    figures.finish_curve_grid(fig, axes, max_cols=3)  # as compare_curves
     fig.suptitle(title, fontsize=13)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _save(fig, path)
