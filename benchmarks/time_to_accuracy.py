@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"sized: {res['images_per_second']:.0f} images/s ({res['precision']}, batch {res['batch_size']}), "
               f"{res['minutes_per_epoch'] * 60:.1f} s per epoch -> {cfg.train.epochs} epochs in "
               f"{args.epochs_for_minutes} min (train.epochs={cfg.train.epochs} "
-              f"optim.warmup_epochs={cfg.optim.warmup_epochs})", flush=True)
+              + (f"optim.warmup_fraction={cfg.optim.warmup_fraction})" if cfg.optim.warmup_fraction else
+                 f"optim.warmup_epochs={cfg.optim.warmup_epochs})"), flush=True)
     data = load_data(cfg.data)
     print(f"{args.config}: {cfg.model.name}, {len(data.train_x)} train images, {len(data.test_x)} test images, "
           f"{cfg.train.epochs} epochs, tta {cfg.train.tta}, torch threads {torch.get_num_threads()}", flush=True)

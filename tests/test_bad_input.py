@@ -129,7 +129,7 @@ def test_damaged_archive_of_another_name(tmp_path, capsys):
     (["train.epochs=abc"], "train.epochs must be an integer"),
     (["train.epochs=1.5"], "train.epochs must be an integer"),
     (["optim.lr=fast"], "optim.lr must be a number"),
-    (["data.hflip=maybe"], "data.hflip must be true or false"),
+    (["data.augment_flip=maybe"], "data.augment_flip must be true or false"),
     (["optim.lr=-0.001"], "optim.lr=-0.001 must be a positive number"),
     (["optim.lr=0"], "optim.lr=0.0 must be a positive number"),
     (["optim.lr=.inf"], "optim.lr must be a finite number"),

@@ -178,18 +178,21 @@ def _run(args: list[str]) -> int:
         return int(e.code or 0)
 
 
-def test_digits_flat_trains_evaluates_predicts_reports(tmp_path, capsys):
-    """The shipped CNN recipe, unedited, on a folder of 8x8 digits with no split given."""
-    root = formats.write_digits_layout(tmp_path / "digits", "flat")
+@pytest.mark.parametrize("layout", ["flat", "train-valid", "csv-split"])
+def test_digits_trains_evaluates_predicts_reports(tmp_path, capsys, layout):
+    """The shipped CNN recipe, unedited, on 8x8 digits: a folder with no split given, a train/valid folder and a
+    labels file with a split column."""
+    root = formats.write_digits_layout(tmp_path / "digits", layout)
+    labels = ["--labels", str(root / "labels.csv")] if layout.startswith("csv") else []
     out = tmp_path / "runs"
-    assert _run(["train", "-c", str(REPO / "configs" / "cnn.yaml"), "--data", str(root), "--epochs", "1",
+    assert _run(["train", "-c", str(REPO / "configs" / "cnn.yaml"), "--data", str(root), *labels, "--epochs", "1",
                  "--out", str(out), "--name", "d", "--set", "train.device=cpu"]) == 0
     run = out / "d"
     cfg = load_config(run / "config.yaml")
     assert cfg.data.image_size == 8  # resolved from the data and saved with the run
     assert _run(["evaluate", str(run)]) == 0
     assert "balanced accuracy" in capsys.readouterr().out
-    one = next((root / "3").iterdir())
+    one = next(p for p in root.rglob("*.png"))
     assert _run(["predict", str(run), str(one)]) == 0
     assert _run(["report", str(run)]) == 0
     assert (run / "report" / "report.html").is_file()
@@ -331,3 +334,17 @@ def test_hundred_classes_report_stays_readable(mirror, monkeypatch, tmp_path, ca
     assert "Most confused pairs" in page and 'class="sortable"' in page and "top-5 accuracy" in page
     w, h = Image.open(out / "c100" / "report" / "confusion_matrix.png").size
     assert w < 5000 and h < 2500
+
+
+def test_data_command_shows_counts_per_split_and_imbalance(tmp_path, capsys):
+    for cls, n in (("common", 40), ("rare", 8)):
+        for i in range(n):
+            _png(tmp_path / "d" / cls / f"{i}.png")
+    assert _run(["data", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    assert "carved from the training images" in out.out and "test" in out.out
+    rows = {line.split()[0]: line.split()[1:] for line in out.out.splitlines() if line.startswith(("common", "rare"))}
+    common, rare = ([int(v) for v in rows[c]] for c in ("common", "rare"))  # train, validation, test
+    assert sum(common) == 40 and sum(rare) == 8 and (common[2], rare[2]) == (8, 2)  # 0.2 of each class tested
+    assert common[1] + rare[1] == 8 and rare[1] >= 1  # 0.2 of the rest validates, every class in it
+    assert "imbalanced" in out.err and "class_weights=balanced" in out.err

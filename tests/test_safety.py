@@ -285,9 +285,9 @@ def _poison_steps(monkeypatch, steps: set[int]) -> None:
 
     real, count = loop.soft_cross_entropy, [0]
 
-    def loss(logits, target, label_smoothing):
+    def loss(logits, target, label_smoothing, *weight):
         count[0] += 1
-        out = real(logits, target, label_smoothing)
+        out = real(logits, target, label_smoothing, *weight)
         return out * float("nan") if count[0] in steps else out
 
     monkeypatch.setattr(loop, "soft_cross_entropy", loss)

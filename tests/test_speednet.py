@@ -226,10 +226,12 @@ def test_denormals_benchmark_times_both_settings_and_restores_the_default(traine
 
 def test_size_epochs_fills_the_minutes_and_keeps_the_warmup_share():
     bench = _load_benchmark()
-    cfg = load_config(REPO / "configs" / "resnet18-gpu.yaml")  # 192 epochs, warm-up 38.4 (20%)
+    cfg = load_config(REPO / "configs" / "resnet18-gpu.yaml", ["optim.warmup_epochs=38.4"])  # 192 epochs, 20%
     sized = bench.size_epochs(cfg, minutes=3.0, minutes_per_epoch=0.04)
     assert sized.train.epochs == 75 and sized.train.val_every == 75
     assert sized.optim.warmup_epochs == pytest.approx(15.0)
+    shared = bench.size_epochs(load_config(REPO / "configs" / "resnet18-gpu.yaml"), 3.0, 0.04)  # the YAML's share
+    assert shared.optim.warmup_fraction == 0.2 and shared.optim.warmup_epochs == 0
     assert cfg.train.epochs == 192  # the input is left as it was
     assert bench.size_epochs(cfg, minutes=1.0, minutes_per_epoch=5.0).train.epochs == 1  # never zero
 
@@ -266,7 +268,7 @@ def test_probe_prices_progressive_resizing_by_its_pixels():
                                                            "train.epochs=12"])
     prog = load_config(REPO / "configs" / "speedrun.yaml", ["train.device=cpu", "train.precision=fp32",
                                                             "model.widths=[8, 16, 16]", "train.batch_size=32",
-                                                            "train.epochs=12", "data.progressive_size=16"])
+                                                            "train.epochs=12", "data.progressive_size=16", "data.image_size=32"])
     a, b = bench.probe(cfg, 3), bench.probe(prog, 3)
     from cifarlab.data.augment import progressive_cost
 

@@ -373,7 +373,7 @@ def test_progressive_size_schedule_and_cost():
     cost = (3 * 16**2 + 2 * 20**2 + 2 * 24**2 + 2 * 28**2 + 3 * 32**2) / (12 * 32**2)
     assert progressive_cost(cfg, 12) == pytest.approx(cost)  # ~0.60: 12 epochs for the pixels of 7.2
     assert progressive_cost(DataConfig(), 12) == 1.0
-    assert [progressive_size(DataConfig(), e, 12) for e in (0, 11)] == [32, 32]  # off: full size
+    assert [progressive_size(DataConfig(image_size=32), e, 12) for e in (0, 11)] == [32, 32]  # off: full size
 
 
 def test_device_batches_downscale_the_epochs_of_progressive_resizing():

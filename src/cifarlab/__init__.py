@@ -3,8 +3,11 @@
 __version__ = "0.1.0"
 
 
-def load(run_dir):
-    """Load a trained run for prediction: ``cifarlab.load("runs/x").predict(images)``."""
+def load(run_dir, tta=None, device="auto"):
+    """Load a trained run for prediction: ``cifarlab.load("runs/x").predict(images)``.
+
+    ``tta`` (none | flip | flip_translate) defaults to the test-time augmentation ``cifarlab evaluate``
+    used, so predictions reproduce the reported accuracy; ``tta="none"`` is one view per image."""
     from .predict import Predictor
 
-    return Predictor.from_run(run_dir)
+    return Predictor.from_run(run_dir, device=device, tta=tta)

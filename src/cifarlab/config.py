@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -40,7 +41,7 @@ class DataConfig:
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of failing
     # Study augmentation: with probability augment_p an image gets flip + rotation + random resized crop.
     augment_p: float = 0.0  # probability, 0..1
-    hflip: bool = True  # horizontal flip (with prob 0.5) inside the applied augmentation
+    augment_flip: bool = True  # horizontal flip (with prob 0.5) inside the applied augmentation (was data.hflip)
     rotation: float = 15.0  # degrees, rotation drawn from U(-rotation, rotation)
     crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # area fraction of the crop
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])  # aspect ratio of the crop
@@ -61,7 +62,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"
+    name: str = "cnn"  # a registered model (`cifarlab models`) or timm/<architecture> (timm's zoo, extra `timm`)
+    # Starting weights and the input they expect (docs/finetune.md; cifarlab.models.pretrained):
+    pretrained: bool = False  # start from published ImageNet weights (resnet18: torchvision's; timm/*: timm's)
+    weights: str | None = None  # a local state dict (safetensors, or torch's loaded with weights_only) to start from
+    input_size: int = 0  # pixels the model sees; 0 = the pretrained weights' size, else data.image_size
+    mean: list[float] | None = None  # input normalization in [0, 1] units; None = the pretrained weights', else
+    std: list[float] | None = None  # the training split's. Batches of another size are resized on the device
     params: dict[str, Any] = field(default_factory=dict)  # builder kwargs, flattened into the section in YAML
 
 
@@ -75,9 +82,11 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     schedule: str = "exponential"  # exponential | cosine | onecycle | linear | constant
     gamma: float = 0.95  # exponential decay per epoch
-    warmup_epochs: float = 0.0  # linear warm-up (epochs, fractional allowed) for cosine / linear
+    warmup_epochs: float = 0.0  # linear warm-up (epochs, fractional allowed) for cosine / linear / onecycle / constant
+    warmup_fraction: float = 0.0  # the warm-up as a share of the run (0..1): it scales with train.epochs
     min_lr_ratio: float = 0.0  # final lr / peak lr for cosine / linear
     lr_scale_rule: str = "none"  # none | linear | sqrt: scale lr by world size in distributed runs
+    backbone_lr_scale: float = 1.0  # lr of everything but the head, relative to lr (discriminative lrs)
 
 
 @dataclass
@@ -87,7 +96,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     val_every: int = 1  # validate every N epochs (and always after the last)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: CUDA only)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: CUDA, else Apple's MPS, else the CPU)
     seed: int = 0
     channels_last: bool = True  # memory format for conv nets
     compile: bool = False  # torch.compile the model (compile time is reported)
@@ -103,7 +112,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also write the last checkpoint every N steps (0 = per epoch only)
     nan_policy: str = "stop"  # stop | skip-batch
     log_every: int = 20  # steps between progress-bar updates (each costs one host sync)
+    freeze_epochs: int = 0  # fine-tuning: train only the head for this many epochs, then everything
+    freeze_bn: bool = False  # fine-tuning: BatchNorm layers keep their running statistics (eval mode) all run
 
+
+_MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"params"}  # model keys that are not builder kwargs
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
 
@@ -151,11 +164,20 @@ class RunConfig:
         """Set ``section.key`` to ``value``, converting and type-checking it."""
         if "." not in dotted:
             raise ConfigError(f"config key '{dotted}' must look like section.key (e.g. optim.lr)")
+        if dotted in RENAMED_KEYS:
+            notice(f"{dotted} is now {RENAMED_KEYS[dotted]}; the old name still works for now")
+            dotted = RENAMED_KEYS[dotted]
         section, key = dotted.split(".", 1)
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section '{section}' in '{dotted}' (expected: {', '.join(SECTIONS)})")
         obj = getattr(self, section)
-        if section == "model" and key != "name":
+        if section == "model" and key == "name":
+            name = _coerce(dotted, value, str)
+            if name != obj.name:
+                _reset_model_params(obj, name)
+            obj.name = name
+            return
+        if section == "model" and key not in _MODEL_FIELDS:
             if key == "params":
                 if not isinstance(value, dict):
                     raise ConfigError("model.params must be a mapping")
@@ -168,6 +190,9 @@ class RunConfig:
             raise ConfigError(f"unknown config key '{dotted}'; {section} keys are: "
                               f"{', '.join(k for k in types_ if k != 'params')}")
         setattr(obj, key, _coerce(dotted, value, _resolve_type(type(obj), key)))
+        if dotted in WARMUP_KEYS and getattr(obj, key) > 0:  # two spellings of one warm-up: the last one set wins
+            other = WARMUP_KEYS[dotted].split(".", 1)[1]
+            setattr(obj, other, 0.0)
 
     def apply_overrides(self, overrides: list[str]) -> None:
         for item in overrides or []:
@@ -213,6 +238,13 @@ class RunConfig:
                o.schedule, "must be exponential, cosine, onecycle, linear or constant")
         _check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
         _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+        _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", o.warmup_fraction,
+               "must be in [0, 1): a share of the run")
+        _check(not (o.warmup_epochs and o.warmup_fraction), "optim.warmup_epochs", o.warmup_epochs,
+               f"and optim.warmup_fraction={o.warmup_fraction} both set the warm-up: give one")
+        _check(o.schedule == "exponential" or o.warmup_epochs < t.epochs, "optim.warmup_epochs", o.warmup_epochs,
+               f"must be shorter than the run (train.epochs={t.epochs}), or the lr never reaches its peak; "
+               f"optim.warmup_fraction gives it as a share of the run")
         _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
         _check(o.lr_scale_rule in ("none", "linear", "sqrt"), "optim.lr_scale_rule", o.lr_scale_rule,
                "must be none, linear or sqrt")
@@ -220,11 +252,12 @@ class RunConfig:
         _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
         _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
-        _check(t.val_every >= 1, "train.val_every", t.val_every, "must be >= 1")
+        _check(1 <= t.val_every <= t.epochs, "train.val_every", t.val_every,
+               f"must be in [1, train.epochs={t.epochs}]")
         _check(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision,
                "must be auto, fp32, bf16 or fp16")
-        _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
-               "must be auto, cpu, cuda or cuda:N")
+        _check(t.device in ("auto", "cpu", "mps") or t.device.startswith("cuda"), "train.device", t.device,
+               "must be auto, cpu, cuda, cuda:N or mps")
         _check(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
         _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
         _check(t.class_weights in ("none", "balanced"), "train.class_weights", t.class_weights,
@@ -238,6 +271,8 @@ class RunConfig:
         _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 0")
         _check(t.nan_policy in ("stop", "skip-batch"), "train.nan_policy", t.nan_policy, "must be stop or skip-batch")
         _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+        _check(0 <= t.freeze_epochs <= t.epochs, "train.freeze_epochs", t.freeze_epochs, "must be in [0, train.epochs]")
+        _check(o.backbone_lr_scale >= 0, "optim.backbone_lr_scale", o.backbone_lr_scale, "must be >= 0")
 
         from .models import model_defaults, validate_model_params  # late import: models import torch
 
@@ -247,11 +282,68 @@ class RunConfig:
         _check(not (d.progressive_size and d.progressive_size < size and fixed_size),
                "data.progressive_size", d.progressive_size,
                f"needs a model that takes any image size (resnet18, speednet); {m.name} is built for data.image_size")
+        from .models.pretrained import check_model_config
+
+        check_model_config(self)  # pretrained / weights / input_size / mean / std
         return self
 
 
+# Keys renamed since they were first shipped: the old spelling is accepted with a notice.
+# data.hflip (the study's flip inside augment_p) read too much like data.flip (the fast recipes' flip mode).
+RENAMED_KEYS = {"data.hflip": "data.augment_flip"}
+WARMUP_KEYS = {"optim.warmup_epochs": "optim.warmup_fraction", "optim.warmup_fraction": "optim.warmup_epochs"}
+
+
+def notice(message: str) -> None:
+    """A one-line note on stderr about something cifarlab changed or assumed for the user."""
+    print(f"cifarlab: note: {message}", file=sys.stderr, flush=True)
+
+
+def _reset_model_params(model: ModelConfig, name: str) -> None:
+    """A new ``model.name`` keeps only the hyperparameters the new model has (the rest were the old model's)."""
+    from .models import model_defaults  # late import: models import torch
+
+    try:
+        keys = model_defaults(name)
+    except ConfigError:  # an unknown model: validate() names it
+        return
+    dropped = [k for k in model.params if k not in keys]
+    kept = {k: v for k, v in model.params.items() if k in keys}
+    if dropped:
+        notice(f"model.name {model.name} -> {name}: dropped {', '.join(f'model.{k}' for k in dropped)} "
+               f"({model.name}'s, not {name}'s)" + (f"; kept {', '.join(f'model.{k}={v}' for k, v in kept.items())}"
+                                                    if kept else "") + f"; {name}'s defaults for the rest")
+    model.params = kept
+
+
+def fit_schedule_to_epochs(cfg: RunConfig, config_epochs: int, touched: set[str] | frozenset = frozenset(),
+                           say=notice) -> RunConfig:
+    """Keep a recipe's schedule whole when its length changes (``--epochs``, ``--set train.epochs=...``).
+
+    An absolute ``optim.warmup_epochs`` is rescaled to the same share of the new ``train.epochs`` as of
+    ``config_epochs`` (unless the warm-up itself was among the ``touched`` keys), with a one-line note;
+    ``optim.warmup_fraction`` scales by itself. ``train.val_every`` is lowered to ``train.epochs`` if above.
+    """
+    o, t = cfg.optim, cfg.train
+    if (t.epochs != config_epochs and o.warmup_epochs > 0 and config_epochs > 0
+            and not touched & set(WARMUP_KEYS) and o.schedule != "exponential"):
+        old, o.warmup_epochs = o.warmup_epochs, round(o.warmup_epochs * t.epochs / config_epochs, 3)
+        say(f"optim.warmup_epochs {old:g} -> {o.warmup_epochs:g}: the same share ({old / config_epochs:.0%}) of "
+            f"train.epochs={t.epochs} as of the config's {config_epochs}; set optim.warmup_epochs to choose")
+    if t.val_every > t.epochs:  # silently: the loop validates after the last epoch anyway; the saved config says so
+        t.val_every = t.epochs
+    return cfg
+
+
+def override_keys(overrides: list[str] | None) -> set[str]:
+    """The ``section.key`` names of ``--set`` strings (old spellings mapped to the current ones)."""
+    keys = {o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o}
+    return {RENAMED_KEYS.get(k, k) for k in keys}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (or the defaults), apply ``--set`` overrides and validate."""
+    """Load a YAML config (or the defaults), apply ``--set`` overrides, fit the schedule to the epochs
+    (:func:`fit_schedule_to_epochs`) and validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -262,7 +354,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     cfg = RunConfig.from_dict(raw)
+    config_epochs = cfg.train.epochs
     cfg.apply_overrides(overrides or [])
+    fit_schedule_to_epochs(cfg, config_epochs, override_keys(overrides))
     return cfg.validate()
 
 

@@ -11,6 +11,10 @@ metadata and into a JSON file beside every export. ONNX goes through PyTorch's
 ``torch.export``-based exporter (``dynamo=True``, the default since PyTorch 2.9; it needs
 ``onnxscript``), with a dynamic batch dimension. :func:`check_onnx` runs the file with
 onnxruntime and compares its labels with PyTorch's on the same images.
+
+Test-time augmentation is not part of an exported graph: it is one view per image. A run
+evaluated with TTA (``train.tta``) scores its ``test_acc_no_tta`` with it, not its ``test_acc``;
+the sidecar says so (``tta_in_graph: false``, ``run_tta``) and :func:`export_run`'s caller prints it.
 """
 
 from __future__ import annotations
@@ -64,12 +68,13 @@ def sidecar(path: str | Path, fmt: str) -> Path:
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path:
-    """Write RUN_DIR's best weights as ``fmt`` to ``out`` (default ``RUN_DIR/export/model.<ext>``)."""
+    """Write RUN_DIR's best weights as ``fmt`` into the folder ``out`` (default ``RUN_DIR/export``) as
+    ``model.<ext>`` and its JSON sidecar; an ``out`` ending in the format's extension names the file itself."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
-    path = Path(out) if out is not None else run_dir / "export" / f"model{FORMATS[fmt]}"
-    if path.is_dir():
+    path = Path(out) if out is not None else run_dir / "export"
+    if path.is_dir() or path.suffix != FORMATS[fmt]:
         path = path / f"model{FORMATS[fmt]}"
     if fmt == "onnx":
         require(["onnx", "onnxscript"], "ONNX export")
@@ -82,7 +87,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> 
 
 def _meta(predictor: Predictor, fmt: str) -> dict:
     m = predictor.meta
-    return {**m, "format": fmt, "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, m["image_size"],
+    # "tta": what cifarlab.load(EXPORT) defaults to, the run's evaluate TTA; the graph itself is one view.
+    return {**m, "format": fmt, "tta": predictor.tta, "tta_in_graph": False, "run_tta": predictor.tta, "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, m["image_size"],
             m["image_size"]], "range": [0.0, 1.0], "normalized_inside": fmt != "safetensors"},
             "output": {"name": "logits", "shape": ["N", len(predictor.classes)]}}
 

@@ -7,7 +7,8 @@ enough; the training data is not needed. Every input goes through the same conve
 as the training images (:func:`cifarlab.data.folder.to_rgb_array`: alpha composited on
 black, grayscale and palette to RGB, bicubic resize to ``image_size``), then the same
 normalization (:meth:`DeviceBatches.normalize`), so a test image scores the same here
-as in ``cifarlab evaluate``.
+as in ``cifarlab evaluate``: with the same test-time augmentation, which defaults to the one
+``evaluate`` used (``test_metrics.json``, else the run's ``train.tta``; ``tta="none"`` for one view).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from tqdm import tqdm
 from .data.folder import IMAGE_EXTS, decode_image, to_rgb_array
 from .data.loader import DeviceBatches
 from .errors import CifarlabError, DataError
-from .models import create_model, model_defaults
+from .models import create_for_input
 from .train.checkpoint import load_into, load_weights
-from .train.loop import predict_logits
+from .train.loop import TTA_VIEWS, predict_logits
 from .train.runtime import Runtime, resolve_device
 
 ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W), (H, W, 3|4) or (N, H, W, 3)
@@ -58,9 +59,12 @@ class Prediction:
 class Predictor:
     """A trained model with its preprocessing; see :func:`cifarlab.load`."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device):
+    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device, tta: str = "none"):
+        if tta not in TTA_VIEWS:
+            raise CifarlabError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
         self.model = model.to(device).eval()
         self.meta = meta
+        self.tta = tta  # test-time augmentation of every prediction (see run_tta)
         self.classes: list[str] = list(meta["classes"])
         self.image_size = int(meta["image_size"])
         self.device = device
@@ -70,8 +74,10 @@ class Predictor:
                                   mean=meta["mean"], std=meta["std"], device=device)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto") -> "Predictor":
-        """Load ``RUN_DIR/best.safetensors`` (or a given ``.safetensors`` file) and its JSON sidecar."""
+    def from_run(cls, run_dir: str | Path, device: str = "auto", tta: str | None = None) -> "Predictor":
+        """Load ``RUN_DIR/best.safetensors`` (or a given ``.safetensors`` file) and its JSON sidecar.
+
+        ``tta``: none | flip | flip_translate; default: what ``cifarlab evaluate`` used (:func:`run_tta`)."""
         path = Path(run_dir)
         weights = path if path.suffix == ".safetensors" else path / "best.safetensors"
         if not path.exists():
@@ -82,12 +88,11 @@ class Predictor:
         missing = [k for k in ("model", "num_classes", "classes", "image_size", "mean", "std") if k not in meta]
         if missing:
             raise CifarlabError(f"{weights.with_suffix('.json')} lacks {', '.join(missing)}")
-        params = dict(meta.get("hparams") or {})
-        if "image_size" in model_defaults(meta["model"]) and "image_size" not in params:
-            params["image_size"] = meta["image_size"]
-        model = create_model(meta["model"], int(meta["num_classes"]), **params)
+        image_size = int(meta["image_size"])  # a pretrained model's input_size: it resizes the images itself
+        model = create_for_input(meta["model"], int(meta["num_classes"]), dict(meta.get("hparams") or {}),
+                                 int(meta.get("input_size") or image_size), image_size)
         load_into(model, tensors, str(weights))
-        return cls(model, meta, resolve_device(device))
+        return cls(model, meta, resolve_device(device), tta=run_tta(path, meta) if tta is None else tta)
 
     # ----------------------------------------------------------------- inputs
     def to_uint8(self, image: ImageInput) -> np.ndarray:
@@ -114,7 +119,7 @@ class Predictor:
 
     def _logits_batch(self, images: list[ImageInput]) -> torch.Tensor:
         x = torch.from_numpy(np.stack([self.to_uint8(im) for im in images])).permute(0, 3, 1, 2)  # (B, 3, H, W)
-        return predict_logits(self.model, x, self.norm, self.runtime, len(images)).cpu()
+        return predict_logits(self.model, x, self.norm, self.runtime, len(images), self.tta).cpu()
 
     def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 3, batch_size: int = 256,
                 progress: bool | None = None) -> Prediction | list[Prediction]:
@@ -146,6 +151,27 @@ class Predictor:
                                  labels=[self.classes[j] for j in idx], probs=top.values[i].tolist(), indices=idx)
             bar.update(len(chunk))
         bar.close()
+
+
+def run_tta(path: str | Path, meta: dict | None = None) -> str:
+    """The test-time augmentation ``cifarlab evaluate`` used for a run, so that predictions reproduce its
+    accuracy: ``test_metrics.json``'s, else the run's ``train.tta`` (config.yaml), else the weights'
+    sidecar (an export), else none."""
+    import json
+
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        try:
+            return str(json.loads((path / "test_metrics.json").read_text())["tta"])
+        except (OSError, ValueError, KeyError):
+            pass
+        try:
+            return str(((yaml.safe_load((path / "config.yaml").read_text()) or {}).get("train") or {})["tta"])
+        except (OSError, yaml.YAMLError, KeyError, AttributeError, TypeError):
+            pass
+    return str((meta or {}).get("tta", "none"))
 
 
 def _is_single(images: Any) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_args, config_overrides
+from .common import add_config_args, add_out_arg, config_overrides
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,11 +13,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "split and a grid of the first training images; with --augment also the same "
                                    "images after the configured augmentation. Writes PNGs, data.json and "
                                    "data.html to --out.")
-    add_config_args(p)
+    add_config_args(p, training=False)  # no --epochs, --lr ...: nothing here trains
     p.add_argument("--augment", action="store_true", help="also draw the configured augmentation, several times "
                    "per image (use --config configs/cnn.yaml or --set data.augment_p=... to choose it)")
     p.add_argument("--draws", type=int, default=6, metavar="N", help="augmented draws per image (default: 6)")
-    p.add_argument("--out", default="data-overview", metavar="DIR", help="output folder (default: data-overview)")
+    add_out_arg(p, "folder that receives the figures, data.json and data.html (default: data-overview)",
+                default="data-overview")
     p.set_defaults(func=run)
 
 
@@ -32,6 +33,11 @@ def run(args: argparse.Namespace) -> int:
     info = data_overview(cfg, args.out, augment=args.augment, draws=args.draws)
     splits = list(info["counts"])
     print(f"source: {info['source']} ({len(info['classes'])} classes, {info['image_size']}x{info['image_size']})")
+    if info.get("layout"):
+        print(f"layout: {info['layout']}")
+    if info.get("carved"):
+        print("carved from the training images (seeded, stratified): "
+              + ", ".join("validation" if s == "val" else s for s in info["carved"]))
     print(f"{'class':<14}" + "".join(f"{s:>12}" for s in splits))
     for i, c in enumerate(info["classes"]):
         print(f"{c:<14}" + "".join(f"{info['counts'][s][i]:>12}" for s in splits))

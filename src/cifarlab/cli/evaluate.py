@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from .common import DEVICE_HELP
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run on the test set",
-                       description="Test loss, accuracy and per-class accuracy of RUN_DIR's best weights; writes "
-                                   "RUN_DIR/test_metrics.json and RUN_DIR/test_logits.npz.")
+                       description="Test loss, accuracy and per-class accuracy of RUN_DIR's best weights, with "
+                                   "the run's test-time augmentation (train.tta, or --tta) and, beside it, with "
+                                   "none (one view); writes RUN_DIR/test_metrics.json and RUN_DIR/test_logits.npz "
+                                   "(the logits with TTA).")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", metavar="PATH", help="data location, if it moved since training")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tta", choices=["none", "flip", "flip_translate"], help="test-time augmentation "
                    "(default: the run's train.tta)")
     p.set_defaults(func=run)

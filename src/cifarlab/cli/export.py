@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_out_arg, deprecated
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run's best weights (ONNX, TorchScript, safetensors)",
@@ -13,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "An ONNX file is checked with onnxruntime against PyTorch on the run's test set.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
-    p.add_argument("--out", metavar="PATH", help="output file (default: RUN_DIR/export/model.<ext>)")
+    add_out_arg(p, "folder that receives model.<ext> and its JSON sidecar (default: RUN_DIR/export)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="ONNX: skip the onnxruntime comparison on the test set")
     p.add_argument("--check-images", type=int, metavar="N", help="ONNX: compare on the first N test images only")
@@ -24,12 +26,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..errors import DataError
-    from ..export import MIN_AGREEMENT, ExportError, check_onnx, export_run, run_test_images, sidecar
-    from ..predict import Predictor
+    from pathlib import Path
 
+    from ..errors import DataError
+    from ..export import FORMATS, MIN_AGREEMENT, ExportError, check_onnx, export_run, run_test_images, sidecar
+    from ..predict import Predictor, run_tta
+
+    if args.out and Path(args.out).suffix == FORMATS[args.format] and not Path(args.out).is_dir():
+        deprecated(f"-o {args.out} (a file)", f"-o DIR, which receives model{FORMATS[args.format]}")
     path = export_run(args.run_dir, args.format, args.out)
     print(f"wrote {path} and {sidecar(path, args.format)}")
+    tta = run_tta(args.run_dir)
+    print("note: test-time augmentation is not part of the exported model: one view per image"
+          + (f"; the run's test accuracy was measured with tta {tta} (its test_acc_no_tta is what this model "
+             f"scores; average the logits of the flipped and shifted views to reproduce test_acc)"
+             if tta != "none" else ""))
     if args.format != "onnx" or not args.check:
         return 0
     try:

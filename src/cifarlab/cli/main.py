@@ -10,7 +10,24 @@ from .. import __version__
 from ..errors import CifarlabError
 
 # One module per verb under cifarlab.cli; each defines add_parser(subparsers) and run(args).
-VERBS = ["train", "evaluate", "models", "data", "report", "compare", "sweep", "predict", "export"]
+VERBS = ["train", "evaluate", "models", "data", "report", "compare", "sweep", "predict", "export", "study", "lr_find"]
+
+DESCRIPTION = """\
+cifarlab trains, tunes, evaluates and compares image classifiers on CIFAR-10 or any image folder
+(ResNet18, a small CNN, a Vision Transformer and faster nets), on a CPU or a GPU. A run is a folder
+(runs/NAME) with its config, metrics per epoch, best weights and checkpoint; every other command
+reads such folders: evaluate and report them, compare several, predict with one or export it.
+Sweeps search hyperparameters (W&B sweep files, run on Optuna), data shows the data set."""
+
+EPILOG = """\
+example:
+  cifarlab train -c configs/cnn.yaml --epochs 2 --name quick   # writes runs/quick/
+  cifarlab evaluate runs/quick                                 # test accuracy (plain and with the run's TTA)
+  cifarlab report runs/quick                                   # runs/quick/report/report.html
+  cifarlab predict runs/quick photo.png
+
+`cifarlab COMMAND --help` shows a command's flags. Config keys (--set section.key=value) are in
+src/cifarlab/config.py; recipes in configs/. Errors print one line and exit with status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cifarlab", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = _Parser(prog="cifarlab", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

@@ -20,6 +20,8 @@ def run(args: argparse.Namespace) -> int:
         n = count_parameters(create_model(name, 10))
         hp = ", ".join(f"{k}={v}" for k, v in model_defaults(name).items())
         print(f"{name:<12}{n:>12,}  {hp}")
+    print(f"{'timm/<arch>':<12}{'':>12}  any of timm's models (model.name: timm/resnet18, ...; "
+          f"pip install 'cifarlab[timm]')")
     if args.config:
         from ..config import load_config
         from ..train.loop import build_model

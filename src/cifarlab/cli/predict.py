@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from .common import DEVICE_HELP
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify new images with a trained run",
@@ -19,7 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes per image (default: 3)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--tta", choices=["none", "flip", "flip_translate"], help="test-time augmentation (default: "
+                   "what cifarlab evaluate used for the run, so the predictions match its accuracy)")
     p.set_defaults(func=run)
 
 
@@ -29,7 +33,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise CifarlabError(f"--batch-size must be >= 1, got {args.batch_size}")
-    predictor = Predictor.from_run(args.run_dir, device=args.device)
+    from ..evaluation.evaluate import tta_label
+
+    predictor = Predictor.from_run(args.run_dir, device=args.device, tta=args.tta)
+    print(f"predict: {tta_label(predictor.tta)}" + (" (as cifarlab evaluate; --tta none for one view)"
+          if args.tta is None and predictor.tta != "none" else ""), file=sys.stderr)
     items = expand_inputs(args.images)
     preds = predictor.iter_predict(items, top_k=args.top_k, batch_size=args.batch_size)
     try:

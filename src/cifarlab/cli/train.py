@@ -8,17 +8,19 @@ from pathlib import Path
 from ..config import load_config
 from ..errors import CifarlabError
 from ..trackers import TRACKER_NAMES
-from .common import add_config_args, config_overrides
+from .common import DEVICE_HELP, add_config_args, add_out_arg, config_overrides
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model", description="Train a model and write runs/<name>/.")
     add_config_args(p)
-    p.add_argument("--out", default="runs", metavar="DIR", help="folder that holds run directories (default: runs)")
+    add_out_arg(p, "folder that receives the run directory OUT/NAME (default: runs)", default="runs")
     p.add_argument("--name", metavar="NAME", help="run directory name (default: <model>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (short for --set train.device=...)")
+    p.add_argument("--seeds", type=int, metavar="N", help="train N seeds (train.seed = base + K) as a group "
+                   "OUT/NAME/seed-K/; running the same command again skips finished seeds and resumes the rest")
+    p.add_argument("--device", help=f"{DEVICE_HELP}; short for --set train.device=...")
     p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (short for --set train.precision=...)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images and count them")
     p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="also checkpoint every N steps")
@@ -55,6 +57,8 @@ def _run(args: argparse.Namespace, trackers) -> None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.skip_bad_images:
         overrides.append("data.skip_bad_images=true")
+    if args.seeds is not None or (args.resume and (Path(args.resume) / "group.json").is_file()):
+        return _run_group(args, overrides, trackers)
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
@@ -76,3 +80,35 @@ def _run(args: argparse.Namespace, trackers) -> None:
         from ..report import make_report
 
         make_report(summary["run_dir"])
+
+
+def _run_group(args: argparse.Namespace, overrides: list[str], trackers) -> None:
+    """``--seeds N`` (or ``--resume GROUP_DIR``): train or finish a seeds group (cifarlab.train.group)."""
+    import json
+
+    from ..train import distributed as dist
+    from ..train.group import train_group
+
+    if len(trackers):
+        raise CifarlabError("--tracker is not supported with --seeds (one tracker run per process)")
+    if dist.world_size() > 1:
+        raise CifarlabError("--seeds runs its seeds one after another in one process; start it without torchrun")
+    if args.resume:
+        group_dir = Path(args.resume)
+        info = json.loads((group_dir / "group.json").read_text())
+        from ..config import RunConfig
+
+        cfg = RunConfig.from_dict(info["config"])
+        cfg.apply_overrides(overrides)
+        cfg.validate()
+        out, name, seeds = group_dir.parent, group_dir.name, args.seeds or int(info["seeds"])
+    else:
+        cfg = load_config(args.config, overrides)
+        if not args.name:
+            raise CifarlabError("--seeds needs --name NAME (the group directory OUT/NAME, and what a rerun continues)")
+        out, name, seeds = Path(args.out), args.name, args.seeds
+    train_group(cfg, out, name, seeds, overwrite=args.overwrite, evaluate=args.evaluate or args.report)
+    if args.report:
+        from ..report import make_report
+
+        make_report(out / name)

@@ -37,7 +37,7 @@ def study_affine(n: int, cfg: DataConfig, gen: torch.Generator, device: torch.de
     cx = u(-1.0, 1.0) * (1 - w)  # crop centre, normalized coords in [-1, 1]
     cy = u(-1.0, 1.0) * (1 - h)
     angle = u(-cfg.rotation, cfg.rotation) * (math.pi / 180.0)
-    flip = torch.where((torch.rand(n, generator=gen, device=device) < 0.5) & torch.tensor(cfg.hflip, device=device),
+    flip = torch.where((torch.rand(n, generator=gen, device=device) < 0.5) & torch.tensor(cfg.augment_flip, device=device),
                        -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
     # theta = Flip @ Rot @ Crop: crop picks a window of the rotated image, rotation samples the flipped one.
@@ -87,7 +87,7 @@ def progressive_size(cfg: DataConfig, epoch: int, epochs: int) -> int:
     rounded down to a multiple of 4 pixels (never below the start); full size from there on.
     """
     start, full = cfg.progressive_size, cfg.image_size
-    if not start or start >= full or epoch >= (ramp := cfg.progressive_until * epochs):
+    if not start or full is None or start >= full or epoch >= (ramp := cfg.progressive_until * epochs):
         return full
     size = start + (full - start) * epoch / ramp
     return max(start, min(full, int(size) // 4 * 4))
@@ -96,6 +96,8 @@ def progressive_size(cfg: DataConfig, epoch: int, epochs: int) -> int:
 def progressive_cost(cfg: DataConfig, epochs: int) -> float:
     """The run's pixels per training image relative to full size (1.0 when progressive resizing is off):
     a conv net's compute, and roughly its time, scale with it."""
+    if not cfg.progressive_size:
+        return 1.0
     return sum((progressive_size(cfg, e, epochs) / cfg.image_size) ** 2 for e in range(epochs)) / epochs
 
 

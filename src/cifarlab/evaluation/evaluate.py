@@ -19,7 +19,7 @@ from ..data.loader import DeviceBatches
 from ..errors import CifarlabError
 from ..metrics import Accuracy, summary_scores
 from ..train.checkpoint import atomic_write, atomic_write_text, load_into, load_weights
-from ..train.loop import build_model, evaluate
+from ..train.loop import TTA_VIEWS, build_model, evaluate
 from ..train.runtime import Runtime, setup_runtime
 
 
@@ -54,11 +54,16 @@ def evaluate_run(run_dir: str | Path, data: CifarData | None = None, device: str
     norm = DeviceBatches(data.test_x[:0], data.test_y[:0], 1, mean=meta["mean"], std=meta["std"], device=rt.device)
     tta = cfg.train.tta if tta is None else tta
     loss, acc, logits = evaluate(model, data.test_x, data.test_y, norm, rt, cfg.train.eval_batch_size, tta)
+    # Both numbers: the headline with the run's TTA, and one view, what an exported model or a plain forward gives.
+    plain_loss, plain_acc = (loss, acc) if tta == "none" else evaluate(
+        model, data.test_x, data.test_y, norm, rt, cfg.train.eval_batch_size, "none")[:2]
     metric = Accuracy(len(data.classes))
     metric.update(logits.cpu(), data.test_y)
     res = metric.compute()
     out = {"test_loss": loss, "test_acc": acc, "per_class_acc": dict(zip(data.classes, res["per_class"])),
-           "num_test": res["count"], "tta": tta, "best_epoch": meta.get("epoch"), "val_acc": meta.get("val_acc")}
+           "num_test": res["count"], "tta": tta, "tta_views": TTA_VIEWS[tta],
+           "test_loss_no_tta": plain_loss, "test_acc_no_tta": plain_acc,
+           "best_epoch": meta.get("epoch"), "val_acc": meta.get("val_acc"), "val_tta": meta.get("val_tta", "none")}
     out.update(summary_scores(logits, data.test_y, len(data.classes)))  # balanced accuracy, macro F1, top-5
     atomic_write_text(run_dir / "test_metrics.json", json.dumps(out, indent=2))
     atomic_write(run_dir / "test_logits.npz", lambda f: np.savez(
@@ -67,12 +72,27 @@ def evaluate_run(run_dir: str | Path, data: CifarData | None = None, device: str
     return out
 
 
+def tta_label(tta: str | None) -> str:
+    """``flip_translate`` -> ``tta flip_translate, 6 views``; ``none`` -> ``no tta``."""
+    if tta in (None, "none"):
+        return "no tta"
+    return f"tta {tta}, {TTA_VIEWS.get(tta, '?')} views"
+
+
 def format_table(res: dict) -> str:
-    lines = [f"{'class':<14}{'accuracy':>10}", "-" * 24]
+    tta = res.get("tta")
+    lines = [f"{'class':<14}{'accuracy':>10}   ({tta_label(tta)})", "-" * 24]
     for cls, a in res["per_class_acc"].items():
         lines.append(f"{cls:<14}{a:>10.4f}")
-    lines += ["-" * 24, f"{'test loss':<14}{res['test_loss']:>10.4f}", f"{'test accuracy':<14}{res['test_acc']:>10.4f}"]
+    lines += ["-" * 24, f"{'test loss':<14}{res['test_loss']:>10.4f}   ({tta_label(tta)})",
+              f"{'test accuracy':<14}{res['test_acc']:>10.4f}   ({tta_label(tta)})"]
+    if tta not in (None, "none") and res.get("test_acc_no_tta") is not None:
+        lines.append(f"{'test accuracy':<14}{res['test_acc_no_tta']:>10.4f}   (no tta: one view, as predict --tta none "
+                     f"and the exported model)")
     for key, label in (("balanced_acc", "balanced accuracy"), ("macro_f1", "macro F1"), ("top5_acc", "top-5 accuracy")):
         if key in res:
-            lines.append(f"{label:<18}{res[key]:>6.4f}")
+            lines.append(f"{label:<18}{res[key]:>6.4f}   ({tta_label(tta)})")
+    if res.get("val_acc") is not None:
+        lines.append(f"{'val accuracy':<14}{res['val_acc']:>10.4f}   ({tta_label(res.get('val_tta', 'none'))}: "
+                     f"the best epoch {res.get('best_epoch')}, by which the weights were chosen)")
     return "\n".join(lines)

@@ -2,23 +2,27 @@
 
 Training curves of all runs on shared axes, one table of test loss, accuracy,
 macro AUC, ECE, parameters, training time and throughput, and every run's ROC
-curves on one chart. Every number comes from each run's saved test logits, so
-all runs are scored by the same code on the same test images.
+curves on one chart, and for every pair of models the accuracy difference with a paired
+bootstrap interval and McNemar's exact test. Every number comes from each run's saved test
+logits, so all runs are scored by the same code on the same test images; the numbers are
+computed in :mod:`cifarlab.evaluation.comparison`, this module renders them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import CifarlabError
+from ..evaluation.comparison import Entry, compare_numbers
+from ..evaluation.groups import finished_members, is_group
 from ..train.checkpoint import atomic_write_text
 from . import figures
 from . import html as H
-from .metrics import classification_metrics
+from .groups import band_curves, seeds_spread, significance_table, spread_table
 from .runs import RunFiles, json_safe, load_run, warn
 
 
@@ -51,68 +55,95 @@ def _unique_names(runs: Sequence[RunFiles]) -> list[str]:
     return [f"{r.run_dir.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
 
 
-def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
-    """Write ``comparison.html``, ``comparison.json`` and the comparison PNGs to ``out``
-    (default: ``comparison/`` beside the first run) and return the HTML's path."""
-    if not run_dirs:
-        raise CifarlabError("compare needs at least one run directory")
-    runs = [load_run(d) for d in run_dirs]
+def load_entry(path: str | Path) -> Entry:
+    """A run directory, or a seeds group directory (``cifarlab train --seeds N``) as one entry."""
+    path = Path(path)
+    if is_group(path):
+        found = finished_members(path)
+        return Entry(name=path.name, path=path, runs=[load_run(d) for _, d in found], seeds=[k for k, _ in found],
+                     group=True)
+    r = load_run(path)
+    return Entry(name=r.name, path=path, runs=[r], seeds=[r.config.train.seed])
+
+
+def load_entries(paths: Sequence[str | Path]) -> list[Entry]:
+    """Entries with unique names, refused when a run appears twice or the test sets differ."""
+    entries = [load_entry(d) for d in paths]
+    runs = [r for e in entries for r in e.runs]
     if len({r.run_dir.resolve() for r in runs}) != len(runs):
         raise CifarlabError("the same run directory is given twice")
     check_compatible(runs)
-    out = Path(out) if out is not None else runs[0].run_dir.parent / "comparison"
-    out.mkdir(parents=True, exist_ok=True)
-    names = _unique_names(runs)
 
-    rows: list[dict[str, Any]] = []
-    rocs: dict[str, dict[str, Any]] = {}
-    per_run: dict[str, dict[str, Any]] = {}
-    for name, r in zip(names, runs):
-        m, ex = classification_metrics(r.logits, r.labels, r.classes)
-        rocs[name] = ex["roc"]
-        s = r.summary
-        rows.append({"run": name, "model": r.config.model.name, "run_dir": str(r.run_dir),
-                     "test_loss": m["test_loss"], "test_acc": m["top1_accuracy"], "top2_acc": m["top2_accuracy"],
-                     "macro_auc": m["macro_auc"], "macro_f1": m["macro_f1"], "ece": m["ece"],
-                     "params": s.get("params", r.weights_meta.get("params")), "train_seconds": s.get("train_seconds"),
-                     "images_per_second": s.get("images_per_second"), "epochs": s.get("epochs"),
-                     "best_val_acc": s.get("best_val_acc"), "train_images": s.get("train_images"),
-                     "device": s.get("device")})
-        per_run[name] = {k: m[k] for k in ("per_class", "micro_auc", "macro_roc_curve_auc", "calibration",
-                                           "confusion_matrix")}
+    class _N:  # _unique_names reads .name and .run_dir
+        def __init__(self, e):
+            self.name, self.run_dir = e.name, e.path
+
+    for e, n in zip(entries, _unique_names([_N(e) for e in entries])):
+        e.name = n
+    return entries
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """Write ``comparison.html``, ``comparison.json`` and the comparison PNGs to ``out``
+    (default: ``comparison/`` beside the first run) and return the HTML's path.
+
+    A seeds group counts as one model: its row holds means over seeds with their spread, its curves
+    are a mean with a band, and its significance is tested over seeds and per seed."""
+    if not run_dirs:
+        raise CifarlabError("compare needs at least one run directory")
+    entries = load_entries(run_dirs)
+    out = Path(out) if out is not None else entries[0].path.parent / "comparison"
+    out.mkdir(parents=True, exist_ok=True)
+    nums = compare_numbers(entries)
+    names = [e.name for e in entries]
+    rows, per_run, rocs = nums["runs"], nums["per_run"], nums["rocs"]
+    any_group = any(e.group for e in entries)
 
     figs = []
-    histories = {n: r.history for n, r in zip(names, runs) if r.history.get("epoch")}
-    if histories:
-        figs.append(("Training curves", figures.compare_curves(histories, out / "compare_curves.png"),
+    if nums["bands"]:
+        figs.append(("Training curves", band_curves(nums["histories"], nums["bands"], out / "compare_curves.png"),
+                     "Training (per-epoch mean, with augmentation) and validation loss and accuracy of every run; "
+                     "a group is its mean over seeds with a band of ± one standard deviation; panels in a row share "
+                     "their y axis."))
+    elif nums["histories"]:
+        figs.append(("Training curves", figures.compare_curves(nums["histories"], out / "compare_curves.png"),
                      "Training (per-epoch mean, with augmentation) and validation loss and accuracy of every run; "
                      "panels in a row share their y axis."))
     figs.append(("ROC curves", figures.compare_roc(rocs, out / "compare_roc.png"),
                  "Macro-average (solid: per-class one-vs-rest curves averaged) and micro-average (dashed) ROC "
-                 "curve of every run on the same test set."))
+                 "curve of every run on the same test set" + ("; a group: its first seed." if any_group else ".")))
     figs.append(("Scores", figures.compare_bars(rows, out / "compare_scores.png"),
-                 "Test accuracy, macro AUC (higher is better) and expected calibration error (lower is better)."))
+                 "Test accuracy, macro AUC (higher is better) and expected calibration error (lower is better)"
+                 + ("; a group: its mean over seeds." if any_group else ".")))
+    if any_group:
+        figs.append(("Seeds", seeds_spread(rows, out / "compare_seeds.png"),
+                     "Test accuracy of every seed, with each group's mean and 95% Student-t interval."))
 
-    result = {"runs": rows, "classes": runs[0].classes, "num_test": int(len(runs[0].labels)),
-              "per_run": per_run, "figures": [p.name for _, p, _ in figs]}
+    result = {k: nums[k] for k in ("runs", "classes", "num_test", "per_run", "significance")}
+    result["figures"] = [p.name for _, p, _ in figs]
     atomic_write_text(out / "comparison.json", json.dumps(json_safe(result), indent=2))
 
-    header = ["run", "model", "test loss", "test accuracy", "top-2 accuracy", "macro AUC", "macro F1", "ECE",
-              "parameters", "training time (s)", "images / s", "epochs", "best val. accuracy"]
-    table_rows = [[r["run"], r["model"], r["test_loss"], r["test_acc"], r["top2_acc"], r["macro_auc"], r["macro_f1"],
-                   r["ece"], r["params"], r["train_seconds"], r["images_per_second"], r["epochs"], r["best_val_acc"]]
-                  for r in rows]
+    header = ["run", "model", "test loss", "test accuracy", "TTA", "top-2 accuracy", "macro AUC", "macro F1", "ECE",
+              "parameters", "training time (s)", "images / s", "epochs", "best val. accuracy (no TTA)"]
+    table_rows = [[r["run"], r["model"], r["test_loss"], r["test_acc"], r["tta"] or "?", r["top2_acc"], r["macro_auc"],
+                   r["macro_f1"], r["ece"], r["params"], r["train_seconds"], r["images_per_second"], r["epochs"],
+                   r["best_val_acc"]] for r in rows]
     pc_header = ["class"] + [f"{n}: accuracy" for n in names] + [f"{n}: F1" for n in names]
     pc_rows = [[c] + [per_run[n]["per_class"][c]["accuracy"] for n in names]
-               + [per_run[n]["per_class"][c]["f1"] for n in names] for c in runs[0].classes]
-    sections = [("Summary", H.table(header, table_rows)),
+               + [per_run[n]["per_class"][c]["f1"] for n in names] for c in nums["classes"]]
+    sections = [("Summary", H.table(header, table_rows) + ("<p>Groups: means over seeds.</p>" if any_group else "")),
                 ("Per class", H.table(pc_header, pc_rows))]
     sections += [(h, H.figure(p, h, cap)) for h, p, cap in figs]
-    configs = "".join(f"<details><summary>{H.esc(n)} ({H.esc(r.run_dir)})</summary><pre>{H.esc(r.config_text)}"
-                      f"</pre></details>" for n, r in zip(names, runs))
+    if any_group:
+        sections.append(("Spread over seeds", spread_table(rows)))
+    if nums["significance"]:
+        sections.append(("Significance", significance_table(nums["significance"])))
+    configs = "".join(f"<details><summary>{H.esc(e.name)} ({H.esc(e.path)})</summary><pre>"
+                      f"{H.esc(e.runs[0].config_text)}</pre></details>" for e in entries)
     sections.append(("Configurations", configs))
-    page = H.page(f"Comparison of {len(runs)} run{'s' if len(runs) != 1 else ''}",
-                  f"{', '.join(names)} · {len(runs[0].labels)} test images · every number from each run's "
+    n_test = nums["num_test"]
+    page = H.page(f"Comparison of {len(entries)} run{'s' if len(entries) != 1 else ''}",
+                  f"{', '.join(names)} · {n_test} test images · every number from each run's "
                   f"test_logits.npz; all numbers also in comparison.json", sections)
     atomic_write_text(out / "comparison.html", page)
     return out / "comparison.html"

@@ -59,7 +59,7 @@ def describe_augmentation(cfg: RunConfig) -> str:
     d = cfg.data
     parts = []
     if d.augment_p > 0:
-        parts.append(f"with p={d.augment_p:g}: {'flip, ' if d.hflip else ''}rotation ±{d.rotation:g}°, "
+        parts.append(f"with p={d.augment_p:g}: {'flip, ' if d.augment_flip else ''}rotation ±{d.rotation:g}°, "
                      f"crop scale {d.crop_scale}, ratio {[round(r, 3) for r in d.crop_ratio]}")
     if d.flip != "none":
         parts.append(f"{d.flip} flip")

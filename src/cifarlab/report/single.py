@@ -52,11 +52,11 @@ def run_summary_rows(run: RunFiles, m: dict[str, Any]) -> list[tuple[str, Any]]:
     return [
         ("model", run.config.model.name), ("parameters", s.get("params", run.weights_meta.get("params"))),
         ("epochs", s.get("epochs")), ("best epoch (validation)", s.get("best_epoch")),
-        ("best validation accuracy", s.get("best_val_acc")), ("training time (s)", s.get("train_seconds")),
+        ("best validation accuracy (no TTA)", s.get("best_val_acc")), ("training time (s)", s.get("train_seconds")),
         ("training images per second", s.get("images_per_second")),
         ("device / precision", f"{s.get('device', '?')} / {s.get('precision', '?')}"),
         ("train / validation images", f"{s.get('train_images', '?')} / {s.get('val_images', '?')}"),
-        ("data", s.get("data_source", run.config.data.path)), ("test-time augmentation", run.test_metrics.get("tta")),
+        ("data", s.get("data_source", run.config.data.path)), ("test-time augmentation (test numbers)", run.test_metrics.get("tta")),
         ("test images", m["num_test"]), ("test loss", m["test_loss"]), ("top-1 accuracy", m["top1_accuracy"]),
         ("top-2 accuracy", m["top2_accuracy"]),
         *([("top-5 accuracy", m["top5_accuracy"])] if "top5_accuracy" in m else []),
@@ -126,13 +126,13 @@ def make_report(run_dir: str | Path, *, data_path: str | None = None) -> Path:
                 ("Per class (click a header to sort)",
                  H.table(["class", "test images", "accuracy", "precision", "recall", "F1", "AUC"], pc_rows,
                          sortable=True))]
-    if m["most_confused"]:
-        sections.append(("Most confused pairs", H.table(
-            ["true class", "predicted as", "test images", "fraction of the true class"],
-            [(p["true"], p["predicted"], p["images"], p["fraction_of_true"]) for p in m["most_confused"]])))
     if warnings:
         sections.insert(0, ("Warnings", "".join(f'<p class="warn">{H.esc(w)}</p>' for w in warnings)))
     sections += [(h, H.figure(p, h, cap)) for h, p, cap in figs]
+    if m["most_confused"]:  # after the figures: the confusion matrix says it in colour, this says it in numbers
+        sections.append(("Most confused pairs", H.table(
+            ["true class", "predicted as", "test images", "fraction of the true class"],
+            [(p["true"], p["predicted"], p["images"], p["fraction_of_true"]) for p in m["most_confused"]])))
     sections.append(("Configuration (config.yaml)", f"<pre>{H.esc(run.config_text)}</pre>"))
     page = H.page(f"Run report: {run.name}", f"{run.config.model.name} · {run.run_dir} · every number from "
                   f"test_logits.npz; all numbers also in report/metrics.json", sections)

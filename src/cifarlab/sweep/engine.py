@@ -77,6 +77,7 @@ class Worker:
     heartbeat: int = DEFAULT_HEARTBEAT
     seed: int | None = None
     wandb: bool = False
+    trackers: tuple[str, ...] = ()  # other experiment trackers (mlflow, tensorboard), one tracker run per trial
     threads: int = 1
     index: int = 0
     quiet: bool = False
@@ -213,13 +214,24 @@ def make_pruner(spec: SweepSpec, base: dict[str, Any]):
 def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int = 1, storage: str | None = None,
               study: str | None = None, out: str | Path = "sweeps", config: str | Path | None = None,
               overrides: list[str] | None = None, heartbeat: int = DEFAULT_HEARTBEAT, seed: int | None = None,
-              wandb: bool = False, quiet: bool = False) -> dict[str, Any]:
+              wandb: bool = False, quiet: bool = False, trackers: list[str] | None = None,
+              new_study: bool = False) -> dict[str, Any]:
     """Run (or continue) the sweep described by a W&B sweep file; returns a summary of the study.
 
     ``trials`` is the study's total budget (W&B's ``run_cap``), counted across all workers and
     all invocations: running again with the same budget finishes what an interrupted run left.
+    A study is continued only with the same sweep and the same base config; with another base
+    it is refused, or with ``new_study`` a new study (``NAME-2``, ``NAME-3``, ...) is started.
+    ``trackers``: ``wandb`` (as ``wandb=True``), ``mlflow``, ``tensorboard``, one tracker run per trial.
     """
     import optuna
+
+    from ..trackers import Trackers
+
+    trackers = list(dict.fromkeys(trackers or []))
+    wandb = wandb or "wandb" in trackers
+    others = tuple(t for t in trackers if t != "wandb")
+    Trackers(list(others))  # a missing extra fails here, before anything is written
 
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -235,6 +247,8 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
     name = study or spec.name or Path(sweep_file).stem
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"study name {name!r} may only use letters, digits, '.', '_' and '-'")
+    if new_study:
+        name = _free_study_name(name, spec.raw, out, storage)
     sweep_dir = Path(out) / name
     url = storage or default_storage(sweep_dir)
     budget = trials or spec.run_cap or (spec.grid_size() if spec.method == "grid" else None)  # W&B: the whole grid
@@ -271,7 +285,8 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
 
     run = Worker(spec=spec, base=base, storage=url, study=name, sweep_dir=str(sweep_dir.resolve()), budget=int(budget),
-                 heartbeat=heartbeat, seed=seed, wandb=wandb, threads=worker_threads(workers), quiet=quiet)
+                 heartbeat=heartbeat, seed=seed, wandb=wandb, trackers=others, threads=worker_threads(workers),
+                 quiet=quiet)
     if not quiet:
         print(f"sweep {name}: {spec.method}, {len(spec.params)} parameters, budget {budget} trials, "
               f"{workers} worker(s) x {run.threads} thread(s), storage {_redact(url)}")
@@ -375,7 +390,7 @@ def work(run: Worker) -> str:
             try:
                 if run.orphaned():  # `sweep run` was killed (kill -9): its workers stop with it
                     return "interrupted"
-                _fail_stale(study)
+                _fail_stale(study, GRACE_FACTOR * run.heartbeat)
                 trials = study.get_trials(deepcopy=False)
                 done = sum(map(counted, trials))
                 if done >= run.budget or target_reached(run.spec, trials):
@@ -420,6 +435,7 @@ class Objective:
     def __call__(self, trial) -> float:
         import optuna
 
+        from ..trackers import Trackers
         from ..train import fit
         from ..train.loop import Interrupted
 
@@ -437,8 +453,9 @@ class Objective:
             cfg = spec.trial_config(run.base, values)
             if logger:
                 logger.start(cfg)
-            fit(cfg, run_dir.parent, run_dir.name, data=self._load(cfg), quiet=True, overwrite=True,
-                on_epoch_end=self._reporter(trial, cfg.train.epochs, hist, logger))
+            with Trackers(list(run.trackers)) as trackers:
+                fit(cfg, run_dir.parent, run_dir.name, data=self._load(cfg), quiet=True, overwrite=True,
+                    on_epoch_end=self._reporter(trial, cfg.train.epochs, hist, logger), trackers=trackers)
         except optuna.TrialPruned as e:
             self.say(f"trial {trial.number} {e} ({_last(hist, spec.metric)}) {time.perf_counter() - t0:.1f}s")
             self._end(logger, "pruned")
@@ -510,13 +527,25 @@ class Objective:
         """The data set, loaded once per worker for each distinct split (trials mostly share one)."""
         from ..data import load_data
 
-        d = cfg.data
-        key = (d.path, os.environ.get("CIFARLAB_DATA"), d.image_size, d.skip_bad_images, d.train_size, d.val_size,
-               d.seed)
+        key = data_key(cfg.data)
         if key not in self._data:
             self._data.clear()
-            self._data[key] = load_data(d)
+            self._data[key] = load_data(cfg.data)
         return self._data[key]
+
+
+# Data-section keys that act on training batches only (data/augment.py, train/mix.py): trials that differ in
+# them share one loaded data set. Every other key, including any added later, is part of the cache key.
+BATCH_ONLY_KEYS = frozenset({"augment_p", "augment_flip", "rotation", "crop_scale", "crop_ratio", "flip", "translate",
+                             "cutout", "mixup", "cutmix", "trivial_augment", "progressive_size", "progressive_until"})
+
+
+def data_key(d) -> str:
+    """What the loaded data of a trial depends on: the whole data section but its batch-time keys, and
+    $CIFARLAB_DATA (the source when data.path is unset)."""
+    fields = {k: v for k, v in dataclasses.asdict(d).items() if k not in BATCH_ONLY_KEYS}
+    return json.dumps({"data": fields, "CIFARLAB_DATA": os.environ.get("CIFARLAB_DATA")}, sort_keys=True,
+                      default=str)
 
 
 def _last(hist: dict, metric: str) -> str:
@@ -524,12 +553,32 @@ def _last(hist: dict, metric: str) -> str:
     return f"{metric} {v:.4f}" if v is not None else f"no {metric}"
 
 
-def _fail_stale(study) -> None:
+def _fail_stale(study, grace: float | None = None) -> None:
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study)
+    if grace is None:
+        return
+    # A worker stopped (Ctrl-C, SIGTERM, kill -9) between Optuna creating a trial and the objective
+    # starting leaves a RUNNING trial that never got a heartbeat, so the check above never fails it and
+    # the budget gate waits on it forever. The objective marks its trial ("worker") at once: a trial
+    # still unmarked after the grace period is dead. (Clocks of machines sharing a storage must agree
+    # to within the grace period.)
+    from datetime import datetime
+
+    from optuna.trial import TrialState
+
+    now = datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" in t.user_attrs or t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                requeue(study, study._storage.get_trial(t._trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker got there first
 
 
 @contextlib.contextmanager
@@ -587,7 +636,14 @@ def format_summary(s: dict[str, Any]) -> str:
     return line
 
 
+# Base-config keys that say where a trial runs, not what it trains: they may differ between the machines and
+# reruns of one study (each machine's --data names its own copy of the data set).
+WHERE_KEYS = frozenset({"data.path", "train.device", "train.num_threads", "train.log_every"})
+
+
 def _check_same_sweep(stored: dict | None, current: dict, name: str) -> None:
+    """Refuse to continue a study with another sweep or another base config: its trials would mix budgets,
+    and ``best`` / ``narrow`` rebuild every trial's config from the stored base."""
     if stored is None:
         return
     keys = ("method", "metric", "parameters", "early_terminate")
@@ -596,7 +652,61 @@ def _check_same_sweep(stored: dict | None, current: dict, name: str) -> None:
     if a != b:
         diff = [k for k in keys if a[k] != b[k]]
         raise ConfigError(f"study {name!r} exists with a different sweep ({', '.join(diff)} differ); "
-                          f"give this sweep another --study name")
+                          f"give this sweep another --study name, or pass --new-study")
+    diff = base_difference((stored.get("cifarlab") or {}).get("config"), (current.get("cifarlab") or {}).get("config"))
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise ConfigError(f"study {name!r} was run with another base config ({shown}): continue it with the "
+                          f"same --config, --set and --epochs, or start a new study with --study NAME or --new-study")
+
+
+def base_difference(stored: dict | None, current: dict | None) -> list[str]:
+    """``key: stored -> current`` for every base-config key that differs (WHERE_KEYS aside)."""
+    if stored is None or current is None:
+        return []
+    a, b = _flat(_normalized(stored)), _flat(_normalized(current))
+    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
+            if k not in WHERE_KEYS and a.get(k) != b.get(k)]
+
+
+def _normalized(config: dict) -> dict[str, Any]:
+    """The config with today's defaults filled in and renamed keys mapped, so that a study stored by an older
+    cifarlab compares equal to the same base today."""
+    from ..config import RunConfig
+
+    try:
+        return json.loads(json.dumps(RunConfig.from_dict(copy.deepcopy(config)).to_dict()))
+    except CifarlabError:  # a key this version no longer has: compare as stored
+        return json.loads(json.dumps(config))
+
+
+def _flat(config: dict) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, values in config.items() if isinstance(values, dict) for k, v in values.items()}
+
+
+def _free_study_name(name: str, sweep: dict, out: str | Path, storage: str | None) -> str:
+    """``name`` if no study of that name exists or it holds this very sweep and base, else the first free
+    ``name-2``, ``name-3``, ... (``--new-study``)."""
+    import optuna
+
+    for i in range(1, 1000):
+        candidate = name if i == 1 else f"{name}-{i}"
+        sweep_dir = Path(out) / candidate
+        url = storage or default_storage(sweep_dir)
+        if storage is None and not (sweep_dir / "study.db").is_file():
+            if not (sweep_dir / "trials").is_dir():
+                return candidate
+            continue
+        store = open_storage(url)
+        if candidate not in {s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)}:
+            return candidate
+        try:
+            _check_same_sweep(optuna.load_study(study_name=candidate, storage=store).user_attrs.get("sweep"),
+                              sweep, candidate)
+            return candidate
+        except ConfigError:
+            continue
+    raise CifarlabError(f"no free study name {name}-N found")
 
 
 def _redact(url: str) -> str:

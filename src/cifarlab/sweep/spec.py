@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ..config import SECTIONS, RunConfig
+from ..config import SECTIONS, RunConfig, fit_schedule_to_epochs, override_keys
 from ..errors import ConfigError
 
 # W&B keys that describe how W&B launches or files a run: accepted, ignored.
@@ -149,9 +149,12 @@ class SweepSpec:
     def trial_config(self, base: dict[str, Any], values: dict[str, Any]) -> RunConfig:
         """The validated run config of one trial: the base, the constants, then the drawn values."""
         cfg = RunConfig.from_dict(copy.deepcopy(base))
+        base_epochs = cfg.train.epochs
         for key, value in {**self.constants, **values}.items():
             cfg.set(key, value)
         cfg.set("train.val_every", 1)  # the pruner needs the metric after every epoch
+        # A searched train.epochs keeps an absolute warm-up at the base's share of the run (silently: per trial).
+        fit_schedule_to_epochs(cfg, base_epochs, set(self.constants) | set(values), say=lambda message: None)
         return cfg.validate()
 
 
@@ -193,16 +196,20 @@ def base_config(raw: dict[str, Any], sweep_path: str | Path | None = None, confi
         cfg = RunConfig()
     else:
         raise ConfigError("cifarlab.config must be a path or a mapping of config sections")
+    config_epochs = cfg.train.epochs
     sets = ext.get("set") or []
     if isinstance(sets, dict):
         for key, value in sets.items():
             cfg.set(str(key), value)
+        touched = override_keys([f"{k}=" for k in sets])
     elif isinstance(sets, list):
         cfg.apply_overrides([str(s) for s in sets])
+        touched = override_keys([str(s) for s in sets])
     else:
         raise ConfigError("cifarlab.set must be a mapping {section.key: value} or a list of 'section.key=value'")
     cfg.apply_overrides(overrides or [])
     cfg.set("train.val_every", 1)
+    fit_schedule_to_epochs(cfg, config_epochs, touched | override_keys(overrides))
     if cfg.data.path and Path(cfg.data.path).exists():
         # The base is stored in the study and reused by `narrow` and `best` from any directory.
         cfg.data.path = str(Path(cfg.data.path).resolve())

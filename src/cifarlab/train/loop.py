@@ -31,7 +31,7 @@ from ..data.augment import BatchAugment
 from ..data.loader import DeviceBatches, step_seed
 from ..data.streaming import make_batches
 from ..errors import CheckpointError, CifarlabError, ConfigError
-from ..models import count_parameters, create_model
+from ..models import count_parameters
 from . import distributed as dist
 from .checkpoint import (atomic_write_text, load_checkpoint, load_into, save_checkpoint, save_weights,
                          state_dict_cpu, unwrap)
@@ -74,12 +74,11 @@ class TrainState:
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    params = dict(cfg.model.params)
-    from ..models import model_defaults
+    """The configured model, randomly initialized, for inputs of the run's input size (models.pretrained)."""
+    from ..models import create_for_input
+    from ..models.pretrained import input_size
 
-    if "image_size" in model_defaults(cfg.model.name) and "image_size" not in params:
-        params["image_size"] = cfg.data.image_size
-    return create_model(cfg.model.name, num_classes, **params)
+    return create_for_input(cfg.model.name, num_classes, cfg.model.params, input_size(cfg), cfg.data.image_size)
 
 
 def whitening_sample(n: int, k: int, seed: int) -> torch.Tensor:
@@ -203,6 +202,9 @@ def predict_logits(model: nn.Module, x_uint8: torch.Tensor, batches_like: Device
     return torch.cat(out) if out else torch.zeros(0)
 
 
+TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}  # forward passes per image of each train.tta
+
+
 def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     """Test-time augmentation: average the logits over flips (and one-pixel translations).
 
@@ -271,9 +273,14 @@ def _open_run_dir(run_dir: Path, clear: bool) -> None:
 
 
 def weights_meta(cfg: RunConfig, data: CifarData, model: nn.Module, epoch: int, val_acc: float) -> dict:
+    from ..models.pretrained import input_norm, input_size
+
+    mean, std = input_norm(cfg, data.mean, data.std)
     return {"model": cfg.model.name, "hparams": cfg.model.params, "num_classes": data.num_classes,
-            "classes": data.classes, "image_size": cfg.data.image_size, "mean": data.mean, "std": data.std,
-            "epoch": epoch, "val_acc": val_acc, "params": count_parameters(unwrap(model))}
+            "classes": data.classes, "image_size": cfg.data.image_size, "input_size": input_size(cfg),
+            "mean": mean, "std": std, "epoch": epoch, "val_acc": val_acc, "params": count_parameters(unwrap(model)),
+            # Model selection scores one view; evaluate and predict default to the run's train.tta.
+            "val_tta": "none", "tta": cfg.train.tta}
 
 
 def rng_state() -> dict:
@@ -363,12 +370,21 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     if data.info.get("streaming"):
         log(f"streaming: the images ({data.info['bytes'] / 2**20:.0f} MiB) exceed the device's memory budget "
             f"(data.device_memory); batches are read from the decode cache as training runs")
-    model = build_model(cfg, data.num_classes).to(rt.device)
+    model = build_model(cfg, data.num_classes)
+    if ckpt_state is None:  # pretrained / model.weights; a resumed run loads its own checkpoint instead
+        from ..models.pretrained import load_initial_weights
+
+        if (line := load_initial_weights(model, cfg, data.num_classes)) is not None:
+            log(line)
+    model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_params = count_parameters(model)
     augment = BatchAugment(cfg.data, len(data.train_x), t.seed, epochs=t.epochs)
-    train_batches = make_batches(data.train_x, data.train_y, t.batch_size, mean=data.mean, std=data.std,
+    from ..models.pretrained import input_norm
+
+    mean, std = input_norm(cfg, data.mean, data.std)  # the pretrained weights' normalization, else the data's
+    train_batches = make_batches(data.train_x, data.train_y, t.batch_size, mean=mean, std=std,
                                   device=rt.device, shuffle=True, drop_last=len(data.train_x) >= t.batch_size,
                                   augment=augment, seed=t.seed, channels_last=rt.channels_last,
                                   rank=dist.rank(), world_size=dist.world_size())
@@ -382,6 +398,9 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     scheduler, per_step = build_scheduler(optimizer, cfg.optim, t.epochs, len(train_batches))
     ema = ModelEMA(model, t.ema) if t.ema > 0 else None
     lookahead = Lookahead(model, t.lookahead, t.lookahead_every, t.epochs * len(train_batches)) if t.lookahead else None
+    from .finetune import build_finetune
+
+    finetune = build_finetune(model, t)  # freeze_epochs / freeze_bn, None when off
     from .mix import build_mix  # mixup / cutmix, when configured
 
     mix = build_mix(cfg.data, data.num_classes, t.seed)
@@ -465,6 +484,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         while state.epoch < t.epochs:
             epoch = state.epoch
             t0 = time.perf_counter()
+            if finetune is not None:
+                finetune.start_epoch(epoch)
             train_loss, train_acc = train_one_epoch(train_model, train_batches, optimizer, scheduler, per_step, rt,
                                                     cfg, state, epoch, ema, on_step, mix, lookahead,
                                                     class_weight)
@@ -507,12 +528,12 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         "device": str(rt.device), "precision": rt.precision, "world_size": dist.world_size(),
         "train_images": len(data.train_x), "val_images": len(data.val_x), "classes": data.classes,
         "skipped_images": data.skipped, "skipped_batches": state.skipped_batches,
-        "data_source": data.source,
+        "data_source": data.source, "val_tta": "none", "test_tta": t.tta,
     }
     if dist.is_main():
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         log(f"done: best val acc {summary['best_val_acc'] if summary['best_val_acc'] is not None else float('nan'):.4f} "
-            f"(epoch {state.best_epoch}) in {state.train_seconds:.0f}s -> {run_dir}")
+            f"(epoch {state.best_epoch}, no tta; evaluate uses tta {t.tta}) in {state.train_seconds:.0f}s -> {run_dir}")
     return summary
 
 

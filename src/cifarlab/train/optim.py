@@ -29,6 +29,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
     lr = cfg.lr if lr is None else lr
     groups = param_groups(model, cfg.weight_decay)
+    if cfg.backbone_lr_scale != 1.0:
+        from .finetune import split_head
+
+        groups = split_head(model, groups, cfg.backbone_lr_scale)
     for g in groups:
         g["lr"] = lr * g.pop("lr_scale", 1.0)
     if cfg.name == "sgd":
@@ -55,15 +59,18 @@ def apply_decoupled_wd(optimizer: torch.optim.Optimizer) -> None:
     """p <- p * (1 - lr * wd) before the gradient step (Loshchilov & Hutter, 2019) for SGD."""
     for g in optimizer.param_groups:
         wd = g.get("decoupled_wd", 0.0)
-        if wd:
-            torch._foreach_mul_(g["params"], 1.0 - g["lr"] * wd)
+        # Parameters without a gradient (frozen for fine-tuning) are left alone, as torch's optimizers do.
+        params = [p for p in g["params"] if p.grad is not None] if wd else []
+        if params:
+            torch._foreach_mul_(params, 1.0 - g["lr"] * wd)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,
                     steps_per_epoch: int) -> tuple[LRScheduler, bool]:
     """Return (scheduler, per_step): per_step schedulers step every batch, the others every epoch."""
     total = max(1, epochs * steps_per_epoch)
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    # The warm-up in steps: a share of the run (warmup_fraction, which scales with the epochs) or in epochs.
+    warm = int(round(cfg.warmup_fraction * total if cfg.warmup_fraction else cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "exponential":  # the study's: lr * gamma**epoch
         return ExponentialLR(optimizer, gamma=cfg.gamma), False
     if cfg.schedule == "onecycle":

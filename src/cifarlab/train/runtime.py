@@ -46,11 +46,23 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def mps_available() -> bool:
+    """Apple silicon's GPU (Metal Performance Shaders), as PyTorch sees it."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA if present, else Apple's MPS, else the CPU; a named device must exist."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
+    if name == "mps" and not mps_available():
+        raise ConfigError("train.device='mps' but this machine has no MPS device (Apple silicon with a PyTorch "
+                          "built for it); use auto or cpu")
     return torch.device(name)
 
 
@@ -58,9 +70,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "mps":  # MPS autocast is young in PyTorch: fp32 unless asked otherwise
+            return "fp32"
         return "bf16" if cpu_supports_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise ConfigError(f"train.precision=fp16 needs a CUDA device; use bf16 or fp32 on {device.type}")
     return precision
 
 
