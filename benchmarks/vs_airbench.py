@@ -124,10 +124,9 @@ def speedrun_config(args: argparse.Namespace, path: str | None, device: torch.de
         over.append(f"train.batch_size={args.batch_size}")
     if args.widths:
         over.append(f"model.widths={args.widths}")
+    if args.epochs is not None:  # the shortened schedule: load_config keeps the warm-up at its share of the run
+        over.append(f"train.epochs={args.epochs}")
     cfg = load_config(SPEEDRUN, over + list(args.overrides))
-    if args.epochs is not None:  # the shortened schedule, warm-up at the same share of the run
-        cfg.optim.warmup_epochs = round(cfg.optim.warmup_epochs * args.epochs / cfg.train.epochs, 3)
-        cfg.train.epochs = args.epochs
     cfg.train.val_every = cfg.train.epochs
     cfg.validate()
     return cfg
@@ -175,7 +174,6 @@ def warm_up(cfg: RunConfig, data: CifarData, data_dir: Path, device: torch.devic
     sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
     wcfg = copy.deepcopy(cfg)
     wcfg.train.epochs = wcfg.train.val_every = 1
-    wcfg.optim.warmup_epochs = min(wcfg.optim.warmup_epochs, 0.5)
     fit(wcfg, out_dir, "warm-up", data=sub, quiet=True, overwrite=True)
     train_airbench94(data_dir, device, epochs=1, batch_size=min(batch_size, n), bf16=bf16, eval_each_pass=False,
                      subset=n, widths=widths)
