@@ -113,7 +113,7 @@ def test_weights_file_safetensors_or_torch_head_replaced_and_shapes_checked(tmp_
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "w.pt")  # DDP-style container
     x = torch.rand(3, 3, 32, 32)
     for f in ("w.safetensors", "w.pt"):
-        cfg = load_config(None, ["model.name=resnet18", f"model.weights={tmp_path / f}"])
+        cfg = load_config(None, ["model.name=resnet18", f"model.weights={tmp_path / f}", "data.image_size=32"])
         assert input_size(cfg) == 32  # no sidecar, not pretrained: the data's size
         model = build_model(cfg, 4)
         assert "fc.weight" in load_initial_weights(model, cfg, 4)
@@ -125,7 +125,7 @@ def test_weights_file_safetensors_or_torch_head_replaced_and_shapes_checked(tmp_
     cfg = load_config(None, ["model.name=resnet18", "model.cifar_stem=true", f"model.weights={tmp_path / 'w.pt'}"])
     with pytest.raises(CheckpointError, match=r"conv1.weight is \(64, 3, 7, 7\) in the file, \(64, 3, 3, 3\)"):
         load_initial_weights(build_model(cfg, 10), cfg, 10)
-    cfg = load_config(None, ["model.name=cnn", f"model.weights={tmp_path / 'w.pt'}"])
+    cfg = load_config(None, ["model.name=cnn", f"model.weights={tmp_path / 'w.pt'}", "data.image_size=32"])
     with pytest.raises(CheckpointError, match="does not fit this model"):
         load_initial_weights(build_model(cfg, 10), cfg, 10)
     cfg = load_config(None, ["model.name=resnet18", f"model.weights={tmp_path / 'nope.safetensors'}"])
@@ -373,9 +373,9 @@ def test_lr_finder_finds_the_known_good_range_and_restores_everything():
 
 
 def test_lr_find_cli_prints_a_suggestion_and_writes_the_plot(small_folder, tmp_path, capsys):
-    out = tmp_path / "lr.png"
+    out = tmp_path / "lr" / "lr_find.png"
     with pytest.raises(SystemExit) as e:
-        main(["lr-find", "--config", str(REPO / "configs" / "cnn.yaml"), "--steps", "40", "--out", str(out),
+        main(["lr-find", "--config", str(REPO / "configs" / "cnn.yaml"), "--steps", "40", "--out", str(out.parent),
               *sum((["--set", o] for o in tiny_overrides(small_folder)), [])])
     stdout = capsys.readouterr().out
     assert e.value.code == 0, stdout

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .errors import CifarlabError
 from .predict import Predictor
-from .train.checkpoint import atomic_write_text
+from .train.checkpoint import atomic_write, atomic_write_text
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 MIN_AGREEMENT = 0.999  # share of labels ONNX must give as PyTorch does
@@ -116,7 +116,7 @@ def export_onnx(predictor: Predictor, run_dir: Path, path: Path) -> None:
     proto = program.model_proto
     meta = _meta(predictor, "onnx")
     onnx.helper.set_model_props(proto, {"cifarlab": json.dumps(meta), "classes": json.dumps(predictor.classes)})
-    onnx.save(proto, str(path))
+    atomic_write(path, lambda f: f.write(proto.SerializeToString()))  # all in one file (external_data=False)
     atomic_write_text(sidecar(path, "onnx"), json.dumps(meta, indent=2))
 
 
@@ -127,7 +127,8 @@ def export_torchscript(predictor: Predictor, run_dir: Path, path: Path) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         with torch.inference_mode():
             traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(path), _extra_files={"cifarlab.json": json.dumps(_meta(predictor, "torchscript"))})
+        atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files={
+            "cifarlab.json": json.dumps(_meta(predictor, "torchscript"))}))
     atomic_write_text(sidecar(path, "torchscript"), json.dumps(_meta(predictor, "torchscript"), indent=2))
 
 
@@ -135,7 +136,8 @@ def export_safetensors(predictor: Predictor, run_dir: Path, path: Path) -> None:
     """The plain state dict (no normalization inside) and its sidecar: loadable by ``cifarlab.load(PATH)``."""
     src = Path(run_dir) / "best.safetensors"
     if path.resolve() != src.resolve():
-        shutil.copyfile(src, path)
+        with open(src, "rb") as f_src:
+            atomic_write(path, lambda f: shutil.copyfileobj(f_src, f))
     atomic_write_text(sidecar(path, "safetensors"), json.dumps(_meta(predictor, "safetensors"), indent=2))
 
 

@@ -18,8 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="first lr (default: 1e-7)")
     p.add_argument("--end-lr", type=float, default=10.0, metavar="LR", help="last lr (default: 10)")
     p.add_argument("--steps", type=int, default=200, metavar="N", help="steps of the sweep (default: 200)")
-    p.add_argument("--out", default="lr_find.png", metavar="PNG",
-                   help="plot to write (default: lr_find.png); the curve goes beside it as .csv")
+    from .common import add_out_arg
+
+    add_out_arg(p, "folder that receives lr_find.png and lr_find.csv (default: the current folder)", default=".")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (short for --set train.device=...)")
     p.set_defaults(func=run)
 
@@ -38,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = config_overrides(args) + ([f"train.device={args.device}"] if args.device else [])
     cfg = load_config(args.config, overrides)
     res = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.steps, log=print)
-    out = Path(args.out)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) / "lr_find.png"
     plot(res, out, title=f"lr range test: {cfg.model.name}" + (f" ({args.config})" if args.config else ""))
-    atomic_write_text(out.with_suffix(".csv"), res.to_csv())
+    atomic_write_text(out.with_suffix(".csv"), res.csv_text())
     stop = (f"stopped at step {len(res.lrs)}: the loss diverged at lr {res.lrs[-1]:.2e}" if res.diverged
             else "no divergence: try a larger --end-lr")
     print(f"lr-find: {len(res.lrs)} of {res.num_it} steps, lr {args.start_lr:.1e} -> {args.end_lr:.1e} ({stop})")

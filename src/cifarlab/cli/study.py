@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(e.g. postgresql://user@host/db; default: a SQLite file per sweep)")
     p.add_argument("--workers", type=int, default=1, metavar="K", help="sweep worker processes (default 1)")
     p.add_argument("--heartbeat", type=int, metavar="SECONDS", help="sweep heartbeat interval (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sweeps' samplers (default 0)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the sweeps' samplers (default 0), as in "
+                   "sweep run")
     p.add_argument("--no-report", action="store_true", help="run the stages but do not write the report")
     p.set_defaults(func=run)
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..study import run_study
 
     state = run_study(args.study_file, out=args.out, storage=args.storage, workers=args.workers,
-                      heartbeat=args.heartbeat, seed=args.seed, report=not args.no_report)
+                      heartbeat=args.heartbeat, seed=args.sampler_seed, report=not args.no_report)
     if state.get("report"):
         print(f"wrote {state['report']}")
     return 0

@@ -87,7 +87,9 @@ def narrow_cmd(args: argparse.Namespace) -> int:
     text, _ = narrow(s, args.top)
     out = _output_file(args, f"narrow-top{args.top}.yaml") or (s.sweep_dir or Path(".")) / f"narrow-top{args.top}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    from ..train.checkpoint import atomic_write_text
+
+    atomic_write_text(out, text)
     print(out)
     return 0
 
@@ -109,7 +111,9 @@ def best_cmd(args: argparse.Namespace) -> int:
     out = _output_file(args, "best.yaml")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        from ..train.checkpoint import atomic_write_text
+
+        atomic_write_text(out, text)
         print(out)
     else:
         sys.stdout.write(text)

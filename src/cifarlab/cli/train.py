@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..config import load_config
@@ -14,9 +15,12 @@ from .common import DEVICE_HELP, add_config_args, add_out_arg, config_overrides
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model", description="Train a model and write runs/<name>/.")
     add_config_args(p)
-    add_out_arg(p, "folder that receives the run directory OUT/NAME (default: runs)", default="runs")
+    add_out_arg(p, "folder that receives the run directory OUT/NAME (default: runs)")
     p.add_argument("--name", metavar="NAME", help="run directory name (default: <model>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint (or start it from its config.yaml if "
+                        "it had none); takes the run's own config: --epochs may add epochs, --set may change "
+                        "only how it runs (device, precision, threads, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--seeds", type=int, metavar="N", help="train N seeds (train.seed = base + K) as a group "
                    "OUT/NAME/seed-K/; running the same command again skips finished seeds and resumes the rest")
@@ -60,14 +64,23 @@ def _run(args: argparse.Namespace, trackers) -> None:
     if args.seeds is not None or (args.resume and (Path(args.resume) / "group.json").is_file()):
         return _run_group(args, overrides, trackers)
     if args.resume:
+        from ..train.resume import resume_config
+
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise CifarlabError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        # These name another run than RUN_DIR's own: refused rather than ignored (issue 20).
+        given = [flag for flag, value in (("--config", args.config), ("--out", args.out), ("--name", args.name),
+                                          ("--overwrite", args.overwrite)) if value]
+        if given:
+            raise CifarlabError(f"--resume {run_dir} continues that run with its own config.yaml, folder and name: "
+                                f"drop {', '.join(given)} (or start a new run without --resume)")
+        cfg, notes = resume_config(run_dir, overrides)
+        if os.environ.get("RANK", "0") == "0":  # before fit, torchrun's process group is not up yet
+            for note in notes:
+                print(f"resume: {note}")
         out, name = run_dir.parent, run_dir.name
     else:
         cfg = load_config(args.config, overrides)
-        out, name = Path(args.out), args.name
+        out, name = Path(args.out or "runs"), args.name
     summary = fit(cfg, out, name, resume=bool(args.resume), overwrite=args.overwrite, trackers=trackers)
     if not dist.is_main():  # under torchrun, rank 0 alone evaluates and writes the report
         return
@@ -106,7 +119,7 @@ def _run_group(args: argparse.Namespace, overrides: list[str], trackers) -> None
         cfg = load_config(args.config, overrides)
         if not args.name:
             raise CifarlabError("--seeds needs --name NAME (the group directory OUT/NAME, and what a rerun continues)")
-        out, name, seeds = Path(args.out), args.name, args.seeds
+        out, name, seeds = Path(args.out or "runs"), args.name, args.seeds
     train_group(cfg, out, name, seeds, overwrite=args.overwrite, evaluate=args.evaluate or args.report)
     if args.report:
         from ..report import make_report

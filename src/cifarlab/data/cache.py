@@ -64,6 +64,8 @@ def cached(key_path: Path, fp: str, build: Callable[[], RawData]) -> RawData:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         meta_file.unlink(missing_ok=True)  # arrays and fingerprint must never disagree
+        for stale in folder.glob(".*.tmp"):  # what a write killed mid-way left (SIGKILL runs no cleanup)
+            stale.unlink(missing_ok=True)
         names = []
         for split in raw.splits():
             for part in ("x", "y"):

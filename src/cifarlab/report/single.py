@@ -71,6 +71,8 @@ def make_report(run_dir: str | Path, *, data_path: str | None = None) -> Path:
     run = load_run(run_dir)
     out = run.run_dir / "report"
     out.mkdir(exist_ok=True)
+    for tmp in out.glob(".*.tmp"):  # what a kill in the middle of an earlier report's write left (never read)
+        tmp.unlink(missing_ok=True)
     m, ex = classification_metrics(run.logits, run.labels, run.classes)
     title = f"{run.name} ({run.config.model.name})"
     warnings: list[str] = []

@@ -15,6 +15,12 @@ from .spec import Param
 BEST_CURVES = 30
 
 
+def _save_png(fig, path: Path) -> None:
+    from ..train.checkpoint import atomic_write  # a kill mid-write must not leave a torn PNG
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
 def write_report(s: Study, out: str | Path | None = None) -> dict[str, Path]:
     """Write ``trials.csv`` and the charts into ``out`` (default: ``<sweep dir>/report``); returns the paths."""
     import matplotlib
@@ -90,7 +96,7 @@ def _curves(s: Study, rows: list[dict], histories: dict, path: Path) -> Path:
         axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"sweep {s.name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -122,7 +128,7 @@ def _metric_vs_params(s: Study, rows: list[dict], path: Path) -> Path:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"sweep {s.name}: {s.spec.metric} against each hyperparameter (pruned: last value reached)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -171,7 +177,7 @@ def _parallel(s: Study, rows: list[dict], path: Path) -> Path:
     ax.set_yticks([])
     ax.set_title(f"sweep {s.name}: parallel coordinates (dashed: pruned)", pad=18)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -201,6 +207,6 @@ def _importances(s: Study, path: Path) -> Path | None:
     ax.set_title(f"sweep {s.name}: hyperparameter importances")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path

@@ -281,8 +281,10 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
             st.set_user_attr("sweep", json.loads(json.dumps(spec.raw)))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     st.set_user_attr("budget", int(budget))
-    (sweep_dir / "study.json").write_text(json.dumps({"study": name, "storage": url}, indent=2) + "\n")
-    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+    from ..train.checkpoint import atomic_write_text  # late import (torch); `sweep report` reads these files
+
+    atomic_write_text(sweep_dir / "study.json", json.dumps({"study": name, "storage": url}, indent=2) + "\n")
+    atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
 
     run = Worker(spec=spec, base=base, storage=url, study=name, sweep_dir=str(sweep_dir.resolve()), budget=int(budget),
                  heartbeat=heartbeat, seed=seed, wandb=wandb, trackers=others, threads=worker_threads(workers),
@@ -474,6 +476,7 @@ class Objective:
             # Sweeps never resume a trial (a retry starts over), and each checkpoint weighs several times
             # the weights: keep best.safetensors, drop last.pt.
             (run_dir / "last.pt").unlink(missing_ok=True)
+            (run_dir / "last.prev.pt").unlink(missing_ok=True)
         value = next((v for v in reversed(hist[spec.metric]) if v is not None), None)
         if value is None or not math.isfinite(value):
             self._end(logger, "failed", trial, "error", f"{spec.metric} was never measured or not finite: {value}")

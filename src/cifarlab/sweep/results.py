@@ -87,12 +87,17 @@ def trial_rows(s: Study) -> list[dict[str, Any]]:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    from ..train.checkpoint import atomic_write  # a kill mid-write must not leave a torn table
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+
+    def write(f) -> None:
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+
+    atomic_write(path, write, mode="w")
     return path
 
 

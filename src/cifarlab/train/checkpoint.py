@@ -24,10 +24,12 @@ _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by se
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb",
+                 keep_previous: str | Path | None = None) -> None:
     """Write via a temp file in the same folder, fsync, then rename: a crash leaves the old file or the new.
 
     A failed write (a full disk, no permission) leaves the old file untouched and raises a CifarlabError.
+    ``keep_previous``: once the new file is on disk, the file it replaces becomes that path (see _keep).
     """
     path = Path(path)
     try:
@@ -40,6 +42,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None:
+            _keep(path, Path(keep_previous))
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -55,6 +59,35 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             os.close(dfd)
     except OSError:
         pass
+
+
+def _keep(path: Path, previous: Path) -> None:
+    """Make ``previous`` the file ``path`` holds now, with ``path`` in place at every instant.
+
+    A hard link under a temporary name, renamed over ``previous``: both renames are atomic, so a kill leaves
+    ``previous`` old or new and ``path`` whole. Where hard links are not supported (some network and FUSE file
+    systems) ``path`` itself is renamed: until the new file replaces it a moment later only ``previous`` is
+    there, which the resume falls back to (train/resume.py).
+    """
+    if not path.is_file():
+        return
+    link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:
+        link.unlink(missing_ok=True)
+        try:
+            os.replace(path, previous)
+        except OSError:
+            pass  # an older previous checkpoint (or none) is kept; the new one is written all the same
+
+
+def previous_path(path: str | Path) -> Path:
+    """``last.pt`` -> ``last.prev.pt``: where :func:`save_checkpoint` keeps the checkpoint it replaced."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def _os_error_in(e: BaseException | None) -> OSError | None:
@@ -128,8 +161,14 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: st
                               f"was it saved from another model or class count?") from None
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+class RefusedCheckpoint(CheckpointError):
+    """A checkpoint that holds objects which could run code: refused, never skipped over."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], keep_previous: bool = True) -> None:
+    """Write a checkpoint atomically; the one it replaces stays as ``last.prev.pt`` (see previous_path), the
+    fallback should ``last.pt`` ever be unreadable (a damaged disk, a copy cut short)."""
+    atomic_write(path, lambda f: torch.save(state, f), keep_previous=previous_path(path) if keep_previous else None)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -144,8 +183,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         # torch's own message suggests weights_only=False; name the refused object instead.
         hit = re.search(r"(?:unsupported |Unsupported global: )(GLOBAL [\w.]+)", str(e))
+        damage = re.search(r"Unsupported operand \d+|invalid load key[^\n]*", str(e))
+        if hit is None and damage is not None:  # bytes that are no pickle at all: a damaged file, not a refusal
+            raise CheckpointError(f"cannot load {path} (damaged or not a checkpoint): {damage.group(0)}") from None
         what = hit.group(1) if hit else "objects other than tensors and plain containers"
-        raise CheckpointError(f"refusing to load {path}: it holds {what}, which could run code; cifarlab loads "
+        raise RefusedCheckpoint(f"refusing to load {path}: it holds {what}, which could run code; cifarlab loads "
                               f"only checkpoints it wrote") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, ValueError ... for damaged files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

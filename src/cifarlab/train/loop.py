@@ -33,10 +33,11 @@ from ..data.streaming import make_batches
 from ..errors import CheckpointError, CifarlabError, ConfigError
 from ..models import count_parameters
 from . import distributed as dist
-from .checkpoint import (atomic_write_text, load_checkpoint, load_into, save_checkpoint, save_weights,
+from .checkpoint import (atomic_write_text, load_into, save_checkpoint, save_weights,
                          state_dict_cpu, unwrap)
 from .ema import Lookahead, ModelEMA
 from .optim import apply_decoupled_wd, build_optimizer, build_scheduler
+from .resume import existing_run_message, find_checkpoint, is_temp_file, run_files, set_aside_unreadable
 from .runtime import Runtime, maybe_compile, process_age, setup_runtime
 
 if TYPE_CHECKING:
@@ -254,19 +255,18 @@ def prepare_run_dir(out: str | Path, name: str | None, cfg: RunConfig, resume: b
     run_dir = Path(out) / (name or default_run_name(cfg))
     if run_dir.exists() and not run_dir.is_dir():
         raise CifarlabError(f"run directory {run_dir} exists and is not a folder")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume and not overwrite:
-        raise CifarlabError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue "
-                            f"it or --overwrite to replace it")
+    if run_dir.exists() and run_files(run_dir) and not resume and not overwrite:
+        raise CifarlabError(existing_run_message(run_dir))
     return run_dir
 
 
-def _open_run_dir(run_dir: Path, clear: bool) -> None:
+def _open_run_dir(run_dir: Path, clear: bool, keep: tuple[str, ...] = ()) -> None:
     """Create the run directory (or empty it for --overwrite) once data, model and checkpoint are known good."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         for f in run_dir.iterdir():
             # Temp files of writes a SIGKILL cut short are garbage: the file they were meant to replace is whole.
-            if f.is_file() and (clear or (f.name.startswith(".") and f.name.endswith(".tmp"))):
+            if f.is_file() and ((clear and f.name not in keep) or is_temp_file(f)):
                 f.unlink()
     except OSError as e:
         raise CifarlabError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
@@ -354,10 +354,12 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     run_dir, error = dist.broadcast_object((run_dir, error))  # rank 0 picks the (timestamped) name for all
     if error is not None:
         raise exc or CifarlabError(error)
-    ckpt_state = None
-    if resume:
-        ckpt_state = load_checkpoint(run_dir / "last.pt")
+    ckpt_state, ckpt_path, ckpt_note = None, None, None
+    if resume:  # last.pt, else the previous one, else none: the run starts again (train/resume.py)
+        ckpt_state, ckpt_path, ckpt_note = find_checkpoint(run_dir)
     log = (lambda *a: None) if quiet or not dist.is_main() else tqdm.write
+    if ckpt_note:
+        log(ckpt_note)
     rt = setup_runtime(t, cfg.model.name)
     if dist.world_size() > 1:
         rt.device = dist.device_for_rank(rt.device)
@@ -410,11 +412,11 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     state = TrainState()
     if ckpt_state is not None:
         if ckpt_state.get("model_name") != cfg.model.name or ckpt_state.get("num_classes") != data.num_classes:
-            raise CheckpointError(f"{run_dir / 'last.pt'} is from model {ckpt_state.get('model_name')!r} with "
+            raise CheckpointError(f"{ckpt_path} is from model {ckpt_state.get('model_name')!r} with "
                                   f"{ckpt_state.get('num_classes')} classes, not {cfg.model.name!r} with "
                                   f"{data.num_classes}")
         try:
-            load_into(model, ckpt_state["model"], str(run_dir / "last.pt"))
+            load_into(model, ckpt_state["model"], str(ckpt_path))
             optimizer.load_state_dict(ckpt_state["optimizer"])
             scheduler.load_state_dict(ckpt_state["scheduler"])
             if ema is not None and ckpt_state.get("ema") is not None:
@@ -428,17 +430,23 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
                 state.partial = [0.0, 0.0, 0.0]
             set_rng_state(ckpt_state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-            raise CheckpointError(f"{run_dir / 'last.pt'} does not fit this run or is damaged "
+            raise CheckpointError(f"{ckpt_path} does not fit this run or is damaged "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         log(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
 
     train_model = maybe_compile(model, t.compile)
     train_model = dist.wrap_ddp(train_model, rt.device)
     if dist.is_main():
-        _open_run_dir(run_dir, clear=overwrite and not resume)
+        # A resume that found no checkpoint starts over: the files of the run it replaces go, but never
+        # config.yaml, which --resume needs should this start be killed too (it is rewritten just below).
+        restart = resume and ckpt_state is None
+        _open_run_dir(run_dir, clear=(overwrite and not resume) or restart, keep=("config.yaml",) if restart else ())
+        set_aside_unreadable(run_dir, ckpt_path)
         cfg.save(run_dir / "config.yaml")
         if ckpt_state is None:
             _write_metrics_header(run_dir / "metrics.csv")
+        else:  # rows a killed process wrote after its last checkpoint go: metrics.csv matches the checkpoint
+            _write_metrics(run_dir / "metrics.csv", state.history)
         for tracker in trackers or ():
             tracker.start(run_dir, cfg.to_dict(), resumed=ckpt_state is not None)
     log(f"run {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | {rt.device} {rt.precision}"
@@ -572,7 +580,10 @@ def _append_metrics(path: Path, row: dict) -> None:
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
     rows.append(row)
+    _write_metrics(path, rows)
 
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return "" if math.isnan(v) else repr(v)

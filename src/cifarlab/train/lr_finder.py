@@ -45,7 +45,7 @@ class LRFindResult:
     diverged: bool = False  # stopped early: the smoothed loss exceeded div x its best, or was not finite
     num_it: int = 0  # steps asked for
 
-    def to_csv(self) -> str:
+    def csv_text(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["step", "lr", "loss", "smoothed_loss"])
@@ -208,7 +208,10 @@ def lr_find(cfg: RunConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0, num
     t = cfg.train
     rt = setup_runtime(t, cfg.model.name)
     seed_everything(t.seed)
-    data = data if data is not None else load_data(cfg.data)
+    data = data if data is not None else load_data(cfg.data, rt.device)
+    from ..data.dataset import apply_data_defaults
+
+    apply_data_defaults(cfg, data)  # data.image_size from the images, as fit does
     model = build_model(cfg, data.num_classes)
     line = load_initial_weights(model, cfg, data.num_classes)
     if line and log:
@@ -266,10 +269,8 @@ def plot(result: LRFindResult, path: str | Path, title: str = "") -> Path:
     ax.set_title(title or "learning-rate range test")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
     return path
