@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                 # the recorded run (about 7 minutes on 2 CPU cores)
     python benchmarks/throughput.py --quick         # under 3 minutes on 2 quiet CPU cores
     python benchmarks/throughput.py --models vit --steps 10 --rounds 2 --data PATH
+    python benchmarks/throughput.py --models vit --train-size 300 --eval-images 32 --set train.batch_size=8  # tiny
 
 For each of the study's models (configs/{cnn,resnet18,vit}.yaml: their hyperparameters, batch 128):
 
@@ -34,10 +35,18 @@ Data: a stratified subset of the training set through ``cifarlab.data.load_data`
 ``startup_s`` is the wall time from launching ``python -m cifarlab train configs/cnn.yaml`` (on
 the same data subset, warm decode cache) to its "first training step done" log line.
 
+A second peer for the ViT, C: timm's ``VisionTransformer`` (``pip install timm``, or cifarlab's ``timm``
+extra) at the same shape as cifarlab's ViT (patch size, width, depth, heads, head width, MLP width, and
+cifarlab's MLP classifier head in place of timm's linear one; dropout at the same rate on timm's
+positions: position embedding, after the attention projection, in the MLP, before the head), trained and
+evaluated exactly as B (same runtime, batches, optimizer and loop), so that B/C compares the models'
+implementations alone. Without timm, C is skipped with a note. The ViT's rows add
+``timm`` (C's images/s), ``vs_timm`` (B/C) and ``timm_peak_fraction``.
+
 The last line printed is JSON:
 {"peak_gflops": {"fp32": F, "bf16": F},
  "train": {"cnn": {"a": IMG_S, "b": IMG_S, "ratio": R, "peak_fraction": P}, "resnet18": {...}, "vit": {...}},
- "eval": {same keys}, "startup_s": S}
+ "eval": {same keys}, "startup_s": S, "timm": {"version": V} or {"skipped": REASON}}
 """
 
 from __future__ import annotations
@@ -102,6 +111,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan.steps, plan.vit_steps, plan.vit_a_steps = args.steps, max(1, args.steps // 2), max(1, args.steps // 8)
     if args.rounds:
         plan.rounds = args.rounds
+    if args.train_size:
+        plan.train_size = args.train_size
+    if args.eval_images:
+        plan.eval_images = plan.vit_eval_images = plan.vit_a_eval_images = args.eval_images
     return plan
 
 
@@ -116,13 +129,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "cifar10-jpeg beside the repository, else cifarlab's download)")
     p.add_argument("--compile", action="store_true", help="B with train.compile=true (compile time is reported)")
     p.add_argument("--no-startup", action="store_true", help="skip the `cifarlab train` start-up timing")
+    p.add_argument("--no-timm", action="store_true", help="skip the timm ViT peer (C)")
+    p.add_argument("--train-size", type=int, default=0, metavar="N",
+                   help="training images (default 10,000, quick 4,000)")
+    p.add_argument("--eval-images", type=int, default=0, metavar="N",
+                   help="evaluation images per round for every model and side (default: the plan's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override in every model's config (repeatable), e.g. train.batch_size=8 for tiny runs")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in MODELS]
     if bad or not args.models:
         p.error(f"--models: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(MODELS)}")
-    if args.steps < 0 or args.rounds < 0:
-        p.error("--steps and --rounds must be >= 1")
+    if args.steps < 0 or args.rounds < 0 or args.train_size < 0 or args.eval_images < 0:
+        p.error("--steps, --rounds, --train-size and --eval-images must be >= 1")
     return args
 
 
@@ -372,11 +392,12 @@ class StudySide:
 class CifarlabSide:
     """B: cifarlab's defaults, through the same functions ``fit`` uses."""
 
-    def __init__(self, name: str, cfg: RunConfig, data: CifarData, eval_images: int):
+    def __init__(self, name: str, cfg: RunConfig, data: CifarData, eval_images: int, model: nn.Module | None = None):
+        """``model``: another implementation of the same network (the timm peer), trained as B is."""
         t = cfg.train
         self.cfg = cfg
         self.rt: Runtime = setup_runtime(t, name)
-        self.model = build_model(cfg, data.num_classes).to(self.rt.device)
+        self.model = (model if model is not None else build_model(cfg, data.num_classes)).to(self.rt.device)
         if self.rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.batches = DeviceBatches(data.train_x, data.train_y, t.batch_size, mean=data.mean, std=data.std,
@@ -409,6 +430,45 @@ class CifarlabSide:
         logits.argmax(1).cpu()
         sync(self.rt.device)
         return len(self.eval_x), time.perf_counter() - t0
+
+
+# ============================================================================ C: timm's ViT
+def timm_or_reason():
+    """(the ``timm`` module, None), or (None, why the timm peer is skipped)."""
+    import inspect
+
+    try:
+        import timm
+        from timm.layers import Attention
+    except ImportError:
+        return None, "timm not installed (pip install timm, or cifarlab's timm extra)"
+    if "attn_head_dim" not in inspect.signature(Attention).parameters:  # heads narrower than width / heads
+        return None, f"timm {timm.__version__}'s Attention has no attn_head_dim: a newer timm is needed"
+    return timm, None
+
+
+def timm_vit(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """timm's ``VisionTransformer`` at the shape of cifarlab's ``vit`` as configured (see the module docstring)."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import VisionTransformer
+    from cifarlab.models import model_defaults
+
+    p = {**model_defaults("vit"), **cfg.model.params}
+    # cifarlab's heads are head_dim wide whatever the width (the study's: 20 x 16 on a width of 32);
+    # timm's Block builds dim // num_heads unless its attention layer is told otherwise.
+    class HeadDimAttention(Attention):
+        def __init__(self, dim: int, **kwargs):
+            super().__init__(dim, attn_head_dim=p["head_dim"], **kwargs)
+
+    d = p["dropout"]
+    model = VisionTransformer(img_size=cfg.data.image_size, patch_size=p["patch_size"], num_classes=num_classes,
+                              embed_dim=p["embed_dim"], depth=p["num_encoder_layers"], num_heads=p["num_heads"],
+                              mlp_ratio=p["hidden_layer_depth"] / p["embed_dim"], qkv_bias=True,
+                              attn_layer=HeadDimAttention,
+                              drop_rate=d, pos_drop_rate=d, proj_drop_rate=d)
+    model.head = nn.Sequential(nn.Linear(p["embed_dim"], p["mlp_head_hidden_layer_depth"]), nn.GELU(),
+                               nn.Dropout(d), nn.Linear(p["mlp_head_hidden_layer_depth"], num_classes))
+    return model
 
 
 # ============================================================================ FLOPs
@@ -455,19 +515,23 @@ def measure_startup(data: str | None, train_size: int) -> float | None:
 
 
 # ============================================================================ run
-def load_bench_data(path: str | None, train_size: int) -> CifarData:
+def load_bench_data(path: str | None, train_size: int, val_size: int = 2048) -> CifarData:
     from cifarlab.config import DataConfig
 
-    return load_data(DataConfig(path=path, train_size=train_size, val_size=2048))
+    return load_data(DataConfig(path=path, train_size=train_size, val_size=val_size))
 
 
-def bench_model(name: str, data: CifarData, plan: Plan, args: argparse.Namespace, log) -> dict:
-    cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"train.compile={'true' if args.compile else 'false'}"])
+def bench_model(name: str, data: CifarData, plan: Plan, args: argparse.Namespace, log, timm=None) -> dict:
+    """``timm``: the timm module, for the ViT's second peer C (None: no C)."""
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"train.compile={'true' if args.compile else 'false'}",
+                                                          *args.overrides])
     apply_data_defaults(cfg, data)  # data.image_size from the images, as fit does
     vit = name == "vit"
     b_steps, a_steps = (plan.vit_steps, plan.vit_a_steps) if vit else (plan.steps, plan.steps)
     b = CifarlabSide(name, cfg, data, plan.vit_eval_images if vit else plan.eval_images)
     a = StudySide(name, cfg, data, b.rt.device, plan.vit_a_eval_images if vit else plan.eval_images)
+    c = (CifarlabSide(name, cfg, data, plan.vit_eval_images, model=timm_vit(cfg, data.num_classes))
+         if vit and timm is not None else None)
     flops_train = count_flops(a.model, b.rt.device, train=True, image_size=cfg.data.image_size)
     flops_eval = count_flops(a.model, b.rt.device, train=False, image_size=cfg.data.image_size)
 
@@ -477,11 +541,16 @@ def bench_model(name: str, data: CifarData, plan: Plan, args: argparse.Namespace
     compile_s = time.perf_counter() - t0 if args.compile else None
     b.evaluate()
     a.warm_up()
+    sides = [("a_train", lambda: a.train(a_steps)), ("b_train", lambda: b.train(b_steps)),
+             ("a_eval", a.evaluate), ("b_eval", b.evaluate)]
+    if c is not None:
+        c.train(2)
+        c.evaluate()
+        sides += [("c_train", lambda: c.train(b_steps)), ("c_eval", c.evaluate)]
 
-    totals = {k: [0, 0.0] for k in ("a_train", "b_train", "a_eval", "b_eval")}
+    totals = {k: [0, 0.0] for k, _ in sides}
     for r in range(plan.rounds):
-        for key, fn in (("a_train", lambda: a.train(a_steps)), ("b_train", lambda: b.train(b_steps)),
-                        ("a_eval", a.evaluate), ("b_eval", b.evaluate)):
+        for key, fn in sides:
             n, s = fn()
             totals[key][0] += n
             totals[key][1] += s
@@ -489,7 +558,8 @@ def bench_model(name: str, data: CifarData, plan: Plan, args: argparse.Namespace
             f"{k} {v[0] / v[1]:.1f} img/s" for k, v in totals.items()))
     rate = {k: v[0] / v[1] for k, v in totals.items()}
     return {"rate": rate, "flops_train": flops_train, "flops_eval": flops_eval, "precision": b.rt.precision,
-            "channels_last": b.rt.channels_last, "compile_s": compile_s, "steps": (a_steps, b_steps)}
+            "channels_last": b.rt.channels_last, "compile_s": compile_s, "steps": (a_steps, b_steps),
+            "batch_size": cfg.train.batch_size}
 
 
 def device_name(device: torch.device) -> str:
@@ -512,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     path = data_path(args.data)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 progress on stderr, results on stdout
     t_start = time.perf_counter()
-    data = load_bench_data(path, plan.train_size)
+    data = load_bench_data(path, plan.train_size, args.eval_images or 2048)
     probe = setup_runtime(load_config(REPO / "configs" / "cnn.yaml").train, "cnn")  # B's device and threads
     device = probe.device
     log(f"data: {len(data.train_x)} train / {len(data.val_x)} val images from {data.source}; device {device_name(device)}"
@@ -520,10 +590,11 @@ def main(argv: list[str] | None = None) -> int:
 
     peaks = {"fp32": matmul_peak(device, torch.float32, plan.peak_seconds),
              "bf16": matmul_peak(device, torch.bfloat16, plan.peak_seconds)}
+    timm, timm_note = (None, "--no-timm") if args.no_timm else timm_or_reason()
     results = {}
     for name in args.models:
         log(f"{name}: ...")
-        results[name] = bench_model(name, data, plan, args, log)
+        results[name] = bench_model(name, data, plan, args, log, timm)
     for k, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         peaks[k] = max(peaks[k], matmul_peak(device, dtype, plan.peak_seconds))
     startup = None if args.no_startup else measure_startup(path, plan.train_size)
@@ -538,16 +609,22 @@ def main(argv: list[str] | None = None) -> int:
             a_gf, b_gf = a_rate * flops / 1e9, b_rate * flops / 1e9
             out[phase][name] = {"a": round(a_rate, 1), "b": round(b_rate, 1), "ratio": round(b_rate / a_rate, 2),
                                 "peak_fraction": round(b_gf / b_peak, 3)}
+            if f"c_{phase}" in r["rate"]:  # the timm peer, in B's runtime and precision
+                c_rate = r["rate"][f"c_{phase}"]
+                out[phase][name].update(timm=round(c_rate, 1), vs_timm=round(b_rate / c_rate, 2),
+                                        timm_peak_fraction=round(c_rate * flops / 1e9 / b_peak, 3))
             rows.append((name, phase, f"{a_rate:.1f}", f"{b_rate:.1f}", f"{b_rate / a_rate:.1f}x",
                          f"{flops / 1e9:.3f}", f"{a_gf:.1f} ({a_gf / peaks['fp32']:.0%} fp32)",
                          f"{b_gf:.1f} ({b_gf / b_peak:.0%} {r['precision']})"))
     out["startup_s"] = None if startup is None else round(startup, 2)
+    out["timm"] = {"version": timm.__version__} if timm is not None else {"skipped": timm_note}
 
     print(f"# throughput: A = study pipeline (fp32, PIL + torchvision transforms, DataLoader 2 workers), "
           f"B = cifarlab defaults; device {device_name(device)}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"# matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s; "
-          f"{plan.rounds} rounds; batch 128; {len(data.train_x)} training images")
+          f"{plan.rounds} rounds; batch {'/'.join(sorted({str(r['batch_size']) for r in results.values()}))}; "
+          f"{len(data.train_x)} training images")
     head = ("model", "phase", "A img/s", "B img/s", "B/A", "GFLOP/img", "A GFLOP/s", "B GFLOP/s (of peak)")
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     for row in (head, *rows):
@@ -556,6 +633,15 @@ def main(argv: list[str] | None = None) -> int:
         extra = f", compile {r['compile_s']:.1f} s (first 2 steps)" if r["compile_s"] is not None else ""
         print(f"# {name}: training steps per round A {r['steps'][0]}, B {r['steps'][1]}; B {r['precision']}"
               f"{', channels-last' if r['channels_last'] else ''}{extra}")
+    for name, r in results.items():
+        if "c_train" in r["rate"]:
+            for phase in ("train", "eval"):
+                o = out[phase][name]
+                print(f"# {name} {phase}: C = timm {timm.__version__} VisionTransformer at the same shape, run as B: "
+                      f"{o['timm']:.1f} img/s ({o['timm_peak_fraction']:.0%} of the {r['precision']} peak); "
+                      f"B/C {o['vs_timm']:.2f}x; B at {o['peak_fraction']:.0%} of the peak")
+    if "vit" in results and timm is None:
+        print(f"# vit: the timm peer (C) was skipped: {timm_note}")
     print(f"# cifarlab train start to first training step: "
           f"{'not measured' if startup is None else f'{startup:.2f} s'}; total {time.perf_counter() - t_start:.0f} s")
     print(json.dumps(out))
