@@ -25,6 +25,18 @@ def _private_cache(tmp_path_factory):
         os.environ["CIFARLAB_CACHE"] = old
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_subset(dst: Path, n_train: int, n_test: int) -> Path:
     """An image folder with the first n images per class of the shared set (symlinks, nothing copied)."""
     if not SHARED_CIFAR.is_dir():

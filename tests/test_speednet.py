@@ -3,7 +3,6 @@ and the time-to-accuracy benchmark end to end on a tiny run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from cifarlab.models import create_model, list_models
 from cifarlab.train.checkpoint import load_weights
 from cifarlab.train.loop import whitening_sample
 
-from .conftest import REPO, tiny_overrides
+from .conftest import REPO, load_benchmark, tiny_overrides
 
 NARROW = {"widths": [8, 16, 16]}
 
@@ -165,16 +164,8 @@ def test_whitening_sample_draws_from_every_class_not_the_first_in_file_order():
     assert not torch.equal(pick, whitening_sample(len(labels), 5000, seed=1))
 
 
-def _load_benchmark(name: str = "time_to_accuracy"):
-    path = REPO / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_time_to_accuracy_end_to_end(small_folder, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("time_to_accuracy")
     over = tiny_overrides(small_folder, **{"model.hidden": None, "model.widths": "[8, 16, 16]", "train.epochs": 2,
                                           "train.batch_size": 128, "optim.warmup_epochs": 0.4})
     argv = [str(REPO / "configs" / "speedrun.yaml"), "--target", "0.05"] + [a for o in over for a in ("--set", o)]
@@ -192,7 +183,7 @@ def test_time_to_accuracy_end_to_end(small_folder, capsys):
 
 
 def test_time_to_accuracy_marks_and_seed_summary():
-    bench = _load_benchmark()
+    bench = load_benchmark("time_to_accuracy")
     curve = [(1, 0.5, 0.70), (2, 1.0, 0.775), (3, 1.5, 0.79)]
     assert bench.first_reached(curve, 0.73) == 1.0
     assert bench.first_reached(curve, 0.78) == 1.5
@@ -208,7 +199,7 @@ def test_time_to_accuracy_marks_and_seed_summary():
 
 
 def test_time_to_accuracy_probe_needs_no_data():
-    bench = _load_benchmark()
+    bench = load_benchmark("time_to_accuracy")
     res = bench.main([str(REPO / "configs" / "speedrun.yaml"), "--probe", "2", "--set", "model.widths=[8, 16, 16]",
                       "--set", "train.batch_size=32", "--set", "train.precision=fp32", "--set", "train.device=cpu"])
     assert res["batch_size"] == 32 and res["images_per_second"] > 0
@@ -217,7 +208,7 @@ def test_time_to_accuracy_probe_needs_no_data():
 
 
 def test_denormals_benchmark_times_both_settings_and_restores_the_default(trained_run, small_folder, capsys):
-    out = _load_benchmark("denormals").main([str(trained_run), "--data", str(small_folder), "--steps", "1", "--rounds", "2"])
+    out = load_benchmark("denormals").main([str(trained_run), "--data", str(small_folder), "--steps", "1", "--rounds", "2"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
     assert out["model"] == "cnn" and set(out["ms_per_step"]) == {"keep", "flush"}
     assert all(v > 0 for v in out["ms_per_step"].values())
@@ -225,7 +216,7 @@ def test_denormals_benchmark_times_both_settings_and_restores_the_default(traine
 
 
 def test_size_epochs_fills_the_minutes_and_keeps_the_warmup_share():
-    bench = _load_benchmark()
+    bench = load_benchmark("time_to_accuracy")
     cfg = load_config(REPO / "configs" / "resnet18-gpu.yaml", ["optim.warmup_epochs=38.4"])  # 192 epochs, 20%
     sized = bench.size_epochs(cfg, minutes=3.0, minutes_per_epoch=0.04)
     assert sized.train.epochs == 75 and sized.train.val_every == 75
@@ -237,7 +228,7 @@ def test_size_epochs_fills_the_minutes_and_keeps_the_warmup_share():
 
 
 def test_time_to_accuracy_sizes_the_run_from_a_probe(small_folder, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("time_to_accuracy")
     over = tiny_overrides(small_folder, **{"model.hidden": None, "model.widths": "[8, 16, 16]", "train.epochs": 5,
                                           "train.batch_size": 128, "optim.warmup_epochs": 1.0})
     argv = [str(REPO / "configs" / "speedrun.yaml"), "--target", "0.05", "--epochs-for-minutes", "1e-6"]
@@ -262,7 +253,7 @@ def test_fit_with_progressive_resizing_trains_small_and_evaluates_full_size(smal
 
 
 def test_probe_prices_progressive_resizing_by_its_pixels():
-    bench = _load_benchmark()
+    bench = load_benchmark("time_to_accuracy")
     cfg = load_config(REPO / "configs" / "speedrun.yaml", ["train.device=cpu", "train.precision=fp32",
                                                            "model.widths=[8, 16, 16]", "train.batch_size=32",
                                                            "train.epochs=12"])
@@ -279,7 +270,7 @@ def test_probe_prices_progressive_resizing_by_its_pixels():
 
 
 def test_jpeg_reencode_loses_more_at_lower_quality_and_keeps_shapes():
-    bench = _load_benchmark("jpeg_sensitivity")
+    bench = load_benchmark("jpeg_sensitivity")
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=g), size=32, mode="bilinear")
     x = (smooth * 255).round().to(torch.uint8)  # smooth images, like photos: JPEG's good case
@@ -292,7 +283,7 @@ def test_jpeg_reencode_loses_more_at_lower_quality_and_keeps_shapes():
 
 
 def test_jpeg_sensitivity_end_to_end(small_folder, capsys):
-    bench = _load_benchmark("jpeg_sensitivity")
+    bench = load_benchmark("jpeg_sensitivity")
     out = bench.main(["configs/speedrun.yaml", "--qualities", "30", "--data", str(small_folder), "--set",
                       "model.widths=[8, 16, 16]", "--set", "data.train_size=400", "--set", "data.val_size=200",
                       "--set", "train.epochs=1", "--set", "train.batch_size=128", "--set", "train.device=cpu",

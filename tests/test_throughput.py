@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_benchmark(name: str = "throughput"):
-    path = REPO / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+from .conftest import REPO, load_benchmark
 
 
 def test_timm_peer_has_the_shape_of_cifarlabs_vit():
@@ -27,7 +16,7 @@ def test_timm_peer_has_the_shape_of_cifarlabs_vit():
     from cifarlab.config import load_config
     from cifarlab.train.loop import build_model
 
-    bench = _load_benchmark()
+    bench = load_benchmark("throughput")
     cfg = load_config(REPO / "configs" / "vit.yaml", ["data.image_size=32"])
     ours, theirs = build_model(cfg, 10), bench.timm_vit(cfg, 10)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -40,7 +29,7 @@ def test_timm_peer_has_the_shape_of_cifarlabs_vit():
 
 
 def test_timm_peer_is_skipped_with_a_reason_without_timm(monkeypatch):
-    bench = _load_benchmark()
+    bench = load_benchmark("throughput")
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
     timm, reason = bench.timm_or_reason()
     assert timm is None and "timm not installed" in reason
@@ -48,7 +37,7 @@ def test_timm_peer_is_skipped_with_a_reason_without_timm(monkeypatch):
 
 def test_throughput_tiny_vit_run_times_the_timm_peer(small_folder, capsys):
     timm = pytest.importorskip("timm")
-    bench = _load_benchmark()
+    bench = load_benchmark("throughput")
     assert bench.main(["--quick", "--models", "vit", "--steps", "2", "--rounds", "1", "--train-size", "300",
                        "--eval-images", "32", "--set", "train.batch_size=8", "--set", "model.num_encoder_layers=1",
                        "--no-startup", "--data", str(small_folder)]) == 0

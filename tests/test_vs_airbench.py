@@ -4,7 +4,6 @@ The airbench tests skip where the benchmark-only dependency is not installed (pi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -14,16 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_benchmark(name: str):
-    path = REPO / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+from .conftest import REPO, load_benchmark
 
 
 def test_the_package_never_imports_airbench():
@@ -34,7 +24,7 @@ def test_the_package_never_imports_airbench():
 
 
 def test_seconds_to_the_peers_accuracy_and_the_json_shape():
-    bench = _load_benchmark("vs_airbench")
+    bench = load_benchmark("vs_airbench")
     curve = [(1.0, 10.0, 0.70), (2.0, 20.0, 0.85), (3.0, 30.0, 0.90)]
     assert bench.seconds_to(curve, 0.85) == 20.0
     assert bench.seconds_to(curve, 0.91) is None
@@ -55,7 +45,7 @@ def test_seconds_to_the_peers_accuracy_and_the_json_shape():
 
 
 def test_bad_arguments_are_refused():
-    bench = _load_benchmark("vs_airbench")
+    bench = load_benchmark("vs_airbench")
     for argv in (["--seeds", "0"], ["--epochs", "0"], ["--widths", "8,16"], ["--widths", "a,b,c"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
@@ -66,7 +56,7 @@ def test_bad_arguments_are_refused():
 
 # ---------------------------------------------------------------------------- with airbench
 def _random_loader_files(tmp_path: Path, n_train: int, n_test: int) -> Path:
-    adapter = _load_benchmark("airbench_adapter")
+    adapter = load_benchmark("airbench_adapter")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (n_train + n_test,), generator=g)
@@ -78,7 +68,7 @@ def test_adapter_times_each_pass_scores_it_and_restores_the_runtime(tmp_path):
     airbench = pytest.importorskip("airbench")
     import airbench.utils as utils
 
-    adapter = _load_benchmark("airbench_adapter")
+    adapter = load_benchmark("airbench_adapter")
     data_dir = _random_loader_files(tmp_path, 192, 64)
     saved = (torch.cuda.Event, torch.cuda.synchronize, torch.nn.Module.cuda, utils.CifarLoader)
     lines = []
@@ -97,7 +87,7 @@ def test_adapter_times_each_pass_scores_it_and_restores_the_runtime(tmp_path):
 
 def test_a_failure_scoring_the_last_pass_is_raised_not_swallowed(tmp_path, monkeypatch):
     airbench = pytest.importorskip("airbench")
-    adapter = _load_benchmark("airbench_adapter")
+    adapter = load_benchmark("airbench_adapter")
     data_dir = _random_loader_files(tmp_path, 128, 32)
 
     def broken(*args, **kwargs):
@@ -112,7 +102,7 @@ def test_a_failure_scoring_the_last_pass_is_raised_not_swallowed(tmp_path, monke
 
 def test_airbench_net_on_the_cpu_keeps_its_modules_and_the_whitening_stem_in_fp32():
     airbench = pytest.importorskip("airbench")
-    adapter = _load_benchmark("airbench_adapter")
+    adapter = load_benchmark("airbench_adapter")
     net = adapter.make_net_for(airbench, torch.device("cpu"), bf16=True, widths=[8, 16, 16])()
     assert isinstance(net, torch.nn.Sequential) and len(net) == 9
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in net.parameters())
@@ -129,7 +119,7 @@ def test_airbench_net_on_the_cpu_keeps_its_modules_and_the_whitening_stem_in_fp3
 
 def test_vs_airbench_end_to_end_on_a_tiny_subset(small_folder, capsys):
     pytest.importorskip("airbench")
-    bench = _load_benchmark("vs_airbench")
+    bench = load_benchmark("vs_airbench")
     record = {}
     summary = bench.main(["--data", str(small_folder), "--epochs", "1", "--batch-size", "64", "--widths", "8,16,16",
                           "--device", "cpu", "--set", "data.train_size=320", "--set", "train.eval_batch_size=256"],
@@ -156,7 +146,7 @@ def test_vs_airbench_end_to_end_on_a_tiny_subset(small_folder, capsys):
 
 
 def test_vs_airbench_says_how_to_install_airbench_when_missing(monkeypatch):
-    adapter = _load_benchmark("airbench_adapter")
+    adapter = load_benchmark("airbench_adapter")
     monkeypatch.setitem(sys.modules, "airbench", None)  # import airbench now raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'airbench==0.1.8'"):
         adapter.require_airbench()
