@@ -8,7 +8,6 @@ directory in ``compare`` and ``report`` also takes a group directory.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import CifarlabError
+from ..io import read_json
 from .significance import t_interval
 
 GROUP_FILE = "group.json"
@@ -47,13 +47,7 @@ def members(group_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def read_group(group_dir: str | Path) -> dict[str, Any]:
-    path = Path(group_dir) / GROUP_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CifarlabError(f"cannot read {path}: {e}") from None
+    return read_json(Path(group_dir) / GROUP_FILE)
 
 
 def finished_members(group_dir: str | Path) -> list[tuple[int, Path]]:

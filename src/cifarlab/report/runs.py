@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 from ..config import RunConfig, load_config
 from ..errors import CifarlabError
+from ..io import read_json
 
 
 @dataclass
@@ -49,15 +49,6 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return cols
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CifarlabError(f"cannot read {path}: {e}") from None
-
-
 def load_run(run_dir: str | Path, evaluate_if_missing: bool = True) -> RunFiles:
     """Load a run's files. The test logits are never recomputed when ``test_logits.npz`` exists;
     when it is missing the run is evaluated once (:func:`cifarlab.evaluation.evaluate_run`)."""
@@ -84,9 +75,9 @@ def load_run(run_dir: str | Path, evaluate_if_missing: bool = True) -> RunFiles:
     config = load_config(run_dir / "config.yaml")
     history = read_history(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else {}
     return RunFiles(run_dir=run_dir, name=run_dir.name, config=config, config_text=config_text, history=history,
-                    summary=_read_json(run_dir / "summary.json"), logits=logits, labels=labels, classes=classes,
-                    test_metrics=_read_json(run_dir / "test_metrics.json"),
-                    weights_meta=_read_json(run_dir / "best.json"))
+                    summary=read_json(run_dir / "summary.json"), logits=logits, labels=labels, classes=classes,
+                    test_metrics=read_json(run_dir / "test_metrics.json"),
+                    weights_meta=read_json(run_dir / "best.json"))
 
 
 def warn(msg: str) -> None:
