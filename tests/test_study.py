@@ -40,7 +40,8 @@ def write_study(tmp: Path, small_folder: Path) -> Path:
     study = {"name": "tiny", "out": str(tmp / "studies"), "seeds": 2, "models": {
         "cnn": {"config": str(REPO / "configs" / "cnn.yaml"),
                 "sweep": {**sweep, "cifarlab": {"set": _set(small_folder)}},
-                "top": 2, "stage2_trials": 2, "final": {"epochs": 2}},
+                # 4 final epochs: the kill after epoch 1 must land before the run ends, also on a fast machine
+                "top": 2, "stage2_trials": 2, "final": {"epochs": 4}},
         "vit": {"sweep": {**sweep, "cifarlab": {"set": _set(small_folder, **TINY_VIT)}},
                 "top": 2, "stage2_trials": 2, "final": {"epochs": 2}}}}
     path = tmp / "tiny.yaml"
@@ -92,7 +93,7 @@ def test_study_end_to_end_killed_twice(small_folder, tmp_path):
     assert before and len(stage1_before) == 2
     # kill 2: during the first model's final training, after its first epoch
     log2 = tmp_path / "run2.log"
-    out2 = _kill_when(_start(study, log2), log2, "stage 5/6 final", "epoch   1/2")
+    out2 = _kill_when(_start(study, log2), log2, "stage 5/6 final", "epoch   1/4")
     assert "stage 1/6 stage1 | done before, reused" in out2
     final0 = sdir / "final" / "cnn" / "seed-0"
     assert (final0 / "last.pt").is_file() and not (final0 / "summary.json").exists()
@@ -111,7 +112,7 @@ def test_study_end_to_end_killed_twice(small_folder, tmp_path):
     after2 = {t.number: t.value for t in _trials(stage2) if t.state.name == "COMPLETE"}
     assert all(after2[n] == v for n, v in before.items())
     rows = (final0 / "metrics.csv").read_text().strip().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # the resumed seed did not redo epoch 1
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]  # the resumed seed did not redo epoch 1
     state = json.loads((sdir / "state.json").read_text())
     assert all(set(state["models"][m]) == {"stage1", "narrow", "stage2", "best", "final", "evaluate"}
                for m in ("cnn", "vit"))
