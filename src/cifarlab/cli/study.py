@@ -13,8 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "stages and trials are reused (docs/study.md).")
     p.add_argument("study_file", metavar="STUDY.yaml", help="study file (configs/studies/*.yaml)")
     p.add_argument("-o", "--out", metavar="DIR", help="folder of study directories (default: the file's out, else studies)")
-    p.add_argument("--storage", metavar="URL", help="SQLAlchemy URL for every sweep of the study, shared by machines "
-                   "(e.g. postgresql://user@host/db; default: a SQLite file per sweep)")
+    p.add_argument("--storage", metavar="URL", help="SQLAlchemy URL for every sweep of the study and its final seeds, "
+                   "shared by machines (e.g. postgresql://user@host/db; default: a SQLite file per sweep)")
     p.add_argument("--workers", type=int, default=1, metavar="K", help="sweep worker processes (default 1)")
     p.add_argument("--heartbeat", type=int, metavar="SECONDS", help="sweep heartbeat interval (default 10)")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the sweeps' samplers (default 0), as in "

@@ -16,7 +16,7 @@ Layout of ``OUT/NAME/``::
 Killing it anywhere loses nothing finished: sweeps continue their Optuna study (finished trials
 are kept, an interrupted one is queued again), the narrowed stage-2 file and best config are
 written once, the seeds group skips finished seeds and resumes an unfinished one from its
-checkpoint. ``state.json`` records each finished stage, so a rerun skips straight past them.
+checkpoint. With ``--storage`` the final seeds are claimed through it (:mod:`.final`). ``state.json`` records each finished stage, so a rerun skips straight past them.
 """
 
 from __future__ import annotations
@@ -215,8 +215,15 @@ def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, p
 
         cfg = RunConfig.from_dict(yaml.safe_load(best_file.read_text())).validate()
         say("final", f"{plan.seeds} seed(s) of {cfg.train.epochs} epochs -> {group_dir}")
-        train_group(cfg, group_dir.parent, group_dir.name, plan.seeds,
-                    log=lambda m: say("final", m.replace(f"group {group_dir}: ", "")))
+        if storage:  # several machines: the seeds are claimed through the storage like trials
+            from ..sweep.engine import DEFAULT_HEARTBEAT
+            from .final import claimed_group
+
+            claimed_group(cfg, group_dir, plan.seeds, storage, f"{spec.name}-{plan.name}-final",
+                          heartbeat=heartbeat or DEFAULT_HEARTBEAT, log=lambda m: say("final", m))
+        else:
+            train_group(cfg, group_dir.parent, group_dir.name, plan.seeds,
+                        log=lambda m: say("final", m.replace(f"group {group_dir}: ", "")))
         state.mark(plan.name, "final", {"group_dir": str(group_dir), "seeds": plan.seeds})
     else:
         say("final", "done before, reused")

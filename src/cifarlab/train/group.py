@@ -119,6 +119,8 @@ def evaluate_seed(run_dir: Path, data=None) -> None:
     from ..evaluation import evaluate_run
 
     logits, best = run_dir / "test_logits.npz", run_dir / "best.safetensors"
+    if logits.is_file() and (run_dir / "remote.json").is_file():
+        return  # trained and scored on another machine of a study (cifarlab.study.final)
     if logits.is_file() and best.is_file() and logits.stat().st_mtime >= best.stat().st_mtime:
         return
     evaluate_run(run_dir, data=data)

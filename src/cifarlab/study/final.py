@@ -1,0 +1,205 @@
+"""A study's final seeds claimed through a shared storage: ``cifarlab study STUDY.yaml --storage URL``.
+
+Several machines running the same study share its sweeps through the storage (:mod:`cifarlab.sweep`);
+this module shares its final training the same way. Each seed of a model's final group is one trial
+of an Optuna study ``NAME-MODEL-final`` in that storage, queued once with the parameter ``seed = K``.
+A machine claims a queued seed as a sweep worker claims a trial (Optuna's atomic WAITING -> RUNNING
+step), beats a heartbeat while it trains it into its own ``final/MODEL/seed-K/``, scores it on the
+test set and, with the trial, records the run's files (everything but the weights and checkpoints:
+``config.yaml``, ``metrics.csv``, ``summary.json``, ``test_metrics.json``, ``test_logits.npz``) in the
+storage. A machine with no seed left to claim waits for the others; then every machine writes the
+seeds it did not train from the storage into its own group (with ``remote.json``: which host trained
+it and where its weights are), so each one's study report covers all seeds.
+
+A killed machine's seed goes back to the queue once its heartbeat is stale (and on Ctrl-C / SIGTERM at
+once); a live machine takes it over (from the start: its checkpoint is on the dead machine; the same
+machine, rerun, resumes it from its own checkpoint). Two queue entries for one seed (two machines
+queueing at the same moment) are harmless: of two claims on a seed, the later trial steps aside.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..config import RunConfig
+from ..errors import CifarlabError
+from ..evaluation.groups import seed_dir
+from ..train.checkpoint import atomic_write, atomic_write_text
+
+SEED = "seed"
+FILE_PREFIX = "file:"
+LOCAL_ONLY = (".pt", ".safetensors", ".tmp")  # weights and checkpoints stay on the machine that trained them
+
+
+class _NotASeed(CifarlabError):
+    """A trial Optuna created because the queue was empty by the time this machine asked."""
+
+
+class _Duplicate(CifarlabError):
+    """Another trial holds the same seed."""
+
+
+def _study(storage, name: str, seeds: int):
+    import optuna
+
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        return _queue_missing(study, seeds)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage)
+    if len(_live_seeds(study)) < seeds:
+        time.sleep(1.0)  # the creator may still be queueing; then queue what is missing (a duplicate is harmless)
+    return _queue_missing(study, seeds)
+
+
+def _queue_missing(study, seeds: int):
+    """Queue every seed that has no trial queued, running or finished (a claim lost to an error, or never queued)."""
+    have = _live_seeds(study)
+    for k in range(seeds):
+        if k not in have:
+            study.enqueue_trial({SEED: k})
+    return study
+
+
+def _seed_of(t) -> int | None:
+    """The seed a trial holds, or is queued with (a queued trial's parameter is still in ``fixed_params``)."""
+    if SEED in t.params:
+        return int(t.params[SEED])
+    fixed = t.system_attrs.get("fixed_params") or {}
+    return int(fixed[SEED]) if SEED in fixed else None
+
+
+def _live_seeds(study) -> set[int]:
+    from optuna.trial import TrialState
+
+    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    return {k for t in study.get_trials(deepcopy=False, states=live) if (k := _seed_of(t)) is not None}
+
+
+def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str, name: str, *,
+                  heartbeat: int, log: Callable[[str], None] = print, poll: float = 5.0) -> None:
+    """Train this machine's share of ``seeds`` seeds of ``cfg`` into ``group_dir``; return once all are done."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ..sweep.engine import GRACE_FACTOR, _fail_stale, open_storage, requeue
+    from ..train.group import prepare_group
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepare_group(cfg, group_dir, seeds, overwrite=False)
+    study = _study(open_storage(storage_url, heartbeat), name, seeds)
+    host = f"{socket.gethostname()}:{os.getpid()}"
+    state = {"data": None, "current": None}
+
+    def objective(trial) -> float:
+        state["current"] = trial.number
+        trial.set_user_attr("worker", host)
+        if _seed_of(study._storage.get_trial(trial._trial_id)) is None:
+            raise _NotASeed("no seed queued")
+        k = trial.suggest_int(SEED, 0, seeds - 1)
+        for t in study.get_trials(deepcopy=False):
+            if t.number != trial.number and _seed_of(t) == k and (
+                    t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number)):
+                trial.set_user_attr("duplicate", True)
+                raise _Duplicate(f"seed {k} is held by trial {t.number}")
+        log(f"seed {k + 1}/{seeds} (train.seed={cfg.train.seed + k}) claimed (trial {trial.number})")
+        try:
+            acc = _train_seed(cfg, group_dir, k, state, log)
+        except CifarlabError as e:
+            trial.set_user_attr("error", str(e))
+            raise
+        run_dir = seed_dir(group_dir, k)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("run_dir", str(run_dir.resolve()))
+        for f in sorted(run_dir.iterdir()):
+            if f.is_file() and not f.name.endswith(LOCAL_ONLY):
+                trial.set_user_attr(FILE_PREFIX + f.name, base64.b64encode(f.read_bytes()).decode())
+        return acc
+
+    said_waiting = False
+    while True:
+        _fail_stale(study, GRACE_FACTOR * heartbeat)
+        trials = [t for t in study.get_trials(deepcopy=False) if _seed_of(t) is not None]
+        done = {_seed_of(t) for t in trials if t.state == TrialState.COMPLETE}
+        if len(done) >= seeds:
+            break
+        failed = [t for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
+        if failed:
+            t = failed[0]
+            raise CifarlabError(f"final seed {_seed_of(t) + 1} of {group_dir} failed (trial {t.number}): "
+                                f"{t.user_attrs['error']}")
+        if any(t.state == TrialState.WAITING for t in trials):
+            state["current"] = None
+            try:
+                study.optimize(objective, n_trials=1, catch=(CifarlabError,), gc_after_trial=False)
+            except KeyboardInterrupt:
+                t = next((t for t in study.get_trials(deepcopy=False) if t.number == state["current"]), None)
+                if t is not None and t.state == TrialState.FAIL and _seed_of(t) is not None:
+                    requeue(study, t)  # the seed goes back to the queue; this machine's checkpoint stays
+                raise
+            said_waiting = False
+            continue
+        running = sorted(_seed_of(t) for t in trials if t.state == TrialState.RUNNING)
+        if not running:
+            _queue_missing(study, seeds)  # a seed whose retries were used up by dying machines
+            continue
+        if not said_waiting:
+            log(f"waiting for seed(s) {', '.join(str(k + 1) for k in running)} on other machines")
+            said_waiting = True
+        time.sleep(poll)
+    fetch_seeds(study, group_dir, log)
+
+
+def _train_seed(cfg: RunConfig, group_dir: Path, k: int, state: dict, log: Callable[[str], None]) -> float:
+    from ..data import load_data
+    from ..train import fit
+    from ..train.group import evaluate_seed, seed_config, seed_status
+
+    run_dir = seed_dir(group_dir, k)
+    if (run_dir / "remote.json").is_file():  # fetched from another machine's claim that was then lost
+        shutil.rmtree(run_dir)
+    status = seed_status(run_dir, cfg.train.epochs)
+    if status != "done":
+        if state["data"] is None:
+            state["data"] = load_data(cfg.data)
+        fit(seed_config(cfg, k), group_dir, run_dir.name, data=state["data"], resume=status == "resume",
+            overwrite=status == "new")
+    evaluate_seed(run_dir, state["data"])
+    return float(json.loads((run_dir / "test_metrics.json").read_text())["test_acc"])
+
+
+def fetch_seeds(study, group_dir: Path, log: Callable[[str], None] = print) -> list[int]:
+    """Write each finished seed that another machine trained into ``group_dir`` from the storage."""
+    from optuna.trial import TrialState
+
+    fetched = []
+    me = socket.gethostname()
+    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+        k = _seed_of(t)
+        if k is None:
+            continue
+        d = seed_dir(group_dir, k)
+        if t.user_attrs.get("host") == me and t.user_attrs.get("run_dir") == str(d.resolve()):
+            continue  # trained here
+        files = {n[len(FILE_PREFIX):]: v for n, v in t.user_attrs.items() if n.startswith(FILE_PREFIX)}
+        if (d / "remote.json").is_file() and json.loads((d / "remote.json").read_text()).get("trial") == t.number:
+            continue  # fetched before
+        if d.exists():
+            shutil.rmtree(d)  # a local attempt that another machine finished first
+        d.mkdir(parents=True)
+        for fname, b64 in files.items():
+            atomic_write(d / fname, lambda f, b=base64.b64decode(b64): f.write(b))
+        atomic_write_text(d / "remote.json", json.dumps(
+            {"trial": t.number, "host": t.user_attrs.get("host"), "run_dir": t.user_attrs.get("run_dir"),
+             "note": "trained on another machine: its weights and checkpoints are there"}, indent=2) + "\n")
+        fetched.append(k)
+    if fetched:
+        log(f"fetched seed(s) {', '.join(str(k + 1) for k in sorted(fetched))} from the storage")
+    return fetched
