@@ -82,14 +82,16 @@ def check_significance(sdir: Path, rep: dict) -> int:
     for pair in rep["significance"]:
         logits = {}
         for m in (pair["a"], pair["b"]):
-            logits[m] = [np.load(sdir / "final" / m / f"seed-{k}" / "test_logits.npz") for k in range(len(pair["per_seed"]))]
+            logits[m] = [np.load(sdir / "final" / m / f"seed-{k}" / "test_logits.npz")
+                         for k in range(len(pair["per_seed"]))]
         accs = {m: [float((z["logits"].argmax(1) == z["labels"]).mean()) for z in logits[m]] for m in logits}
         diff = float(np.mean(accs[pair["a"]]) - np.mean(accs[pair["b"]]))
         assert abs(pair["acc_diff"] - diff) < 1e-9, (pair["a"], pair["b"], pair["acc_diff"], diff)
         for k, per in enumerate(pair["per_seed"]):
             za, zb = logits[pair["a"]][k], logits[pair["b"]][k]
             assert np.array_equal(za["labels"], zb["labels"])
-            n01, n10, p = mcnemar_by_hand(za["logits"].argmax(1) == za["labels"], zb["logits"].argmax(1) == zb["labels"])
+            right_a, right_b = za["logits"].argmax(1) == za["labels"], zb["logits"].argmax(1) == zb["labels"]
+            n01, n10, p = mcnemar_by_hand(right_a, right_b)
             got = per["mcnemar"]
             assert (got["n01"], got["n10"]) == (n01, n10), (pair["a"], pair["b"], k, got, n01, n10)
             assert abs(got["p_value"] - p) <= 1e-9 * max(1.0, p), (got["p_value"], p)

@@ -16,7 +16,8 @@ Layout of ``OUT/NAME/``::
 Killing it anywhere loses nothing finished: sweeps continue their Optuna study (finished trials
 are kept, an interrupted one is queued again), the narrowed stage-2 file and best config are
 written once, the seeds group skips finished seeds and resumes an unfinished one from its
-checkpoint. With ``--storage`` the final seeds are claimed through it (:mod:`.final`). ``state.json`` records each finished stage, so a rerun skips straight past them.
+checkpoint. ``state.json`` records each finished stage, so a rerun skips straight past them.
+With ``--storage`` the final seeds are claimed through it, as trials are (:mod:`.final`).
 """
 
 from __future__ import annotations
