@@ -291,3 +291,29 @@ def test_jpeg_sensitivity_end_to_end(small_folder, capsys):
     assert set(out["acc"]) == {"stored", "q95-444", "q30"}
     assert out["drop_points"]["q30"] == pytest.approx(100 * (out["acc"]["stored"] - out["acc"]["q30"]), abs=0.01)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+
+
+def test_whiten_bias_trains_for_its_epochs_then_stays(small_folder, tmp_path):
+    """model.whiten_bias_epochs=1 (airbench94: 3): the stem bias moves in epoch 1 and never after; None: always."""
+    from cifarlab.data import load_data
+    from cifarlab.train import fit
+    from cifarlab.train.checkpoint import load_checkpoint
+
+    biases = {}
+    for n in (1, None):
+        cfg = load_config(REPO / "configs" / "speedrun.yaml", tiny_overrides(
+            small_folder, **{"model.hidden": None, "model.widths": "[8, 16, 16]", "train.epochs": 3,
+                             "train.batch_size": 128, "optim.warmup_epochs": 0.2, "train.val_every": 3,
+                             "train.lookahead": 0.0, "model.whiten_bias_epochs": "null" if n is None else n}))
+        data = load_data(cfg.data)
+        seen = []
+        run = tmp_path / f"sn{n}"
+        # after each epoch (its checkpoint is written before the callback), the stem bias
+        fit(cfg, tmp_path, run.name, data=data, quiet=True,
+            on_epoch_end=lambda e, row: seen.append(load_checkpoint(run / "last.pt")["model"]["whiten.bias"].clone()))
+        biases[n] = seen
+    assert biases[1][0].abs().sum() > 0  # trained in the first epoch (it starts at zero)
+    assert torch.equal(biases[1][0], biases[1][1]) and torch.equal(biases[1][1], biases[1][2])
+    assert not torch.equal(biases[None][1], biases[None][2])
+    with pytest.raises(ConfigError, match="whiten_bias_epochs"):
+        create_model("speednet", 10, whiten_bias_epochs=-1)

@@ -415,3 +415,26 @@ def test_progressive_resizing_is_refused_for_fixed_size_models():
     cfg.model.name = "resnet18"
     cfg.data.progressive_size = 16
     cfg.validate()
+
+
+def test_warmup_start_matches_airbench94_triangle():
+    """optim.warmup_start=0.2 with a linear schedule is airbench94's triangle(start=0.2, end=0.07, peak=0.23)."""
+    steps, epochs = 10, 10
+    total = steps * epochs
+    lrs = _lrs(OptimConfig(lr=1.0, schedule="linear", warmup_fraction=0.23, min_lr_ratio=0.07, warmup_start=0.2),
+               epochs, steps)
+    xp, fp = [0, int(0.23 * total), total], [0.2, 1.0, 0.07]
+    expected = [float(torch.from_numpy(__import__("numpy").interp([s], xp, fp)).item()) for s in range(total)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    # the default still starts from (step + 1) / warm
+    assert _lrs(OptimConfig(lr=1.0, schedule="linear", warmup_epochs=1), 2, 4)[:4] == pytest.approx([0.25, 0.5, 0.75, 1])
+
+
+def test_warmup_start_is_checked():
+    from cifarlab.config import RunConfig
+    from cifarlab.errors import ConfigError
+
+    cfg = RunConfig()
+    cfg.optim.warmup_start = 1.5
+    with pytest.raises(ConfigError, match="optim.warmup_start"):
+        cfg.validate()

@@ -85,6 +85,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # linear warm-up (epochs, fractional allowed) for cosine / linear / onecycle / constant
     warmup_fraction: float = 0.0  # the warm-up as a share of the run (0..1): it scales with train.epochs
     min_lr_ratio: float = 0.0  # final lr / peak lr for cosine / linear
+    warmup_start: float = 0.0  # lr / peak lr at step 0 of the warm-up (airbench94: 0.2); 0 = from ~zero
     lr_scale_rule: str = "none"  # none | linear | sqrt: scale lr by world size in distributed runs
     backbone_lr_scale: float = 1.0  # lr of everything but the head, relative to lr (discriminative lrs)
 
@@ -238,6 +239,7 @@ class RunConfig:
                o.schedule, "must be exponential, cosine, onecycle, linear or constant")
         _check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
         _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+        _check(0 <= o.warmup_start <= 1, "optim.warmup_start", o.warmup_start, "must be in [0, 1]")
         _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", o.warmup_fraction,
                "must be in [0, 1): a share of the run")
         _check(not (o.warmup_epochs and o.warmup_fraction), "optim.warmup_epochs", o.warmup_epochs,

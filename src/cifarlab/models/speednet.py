@@ -32,6 +32,9 @@ BatchNorm settings for short schedules (airbench's ablations):
   that of the other weights, as in airbench94 (:meth:`SpeedNet.param_groups`,
   used by ``cifarlab.train.optim.build_optimizer``); ``bias_decay`` scales
   their decay per step relative to the other weights' (0 = none).
+* ``whiten_bias_epochs``: the stem's bias trains for this many epochs and is
+  then frozen (airbench94: 3 of its 9.9); None (the default) trains it all run.
+  ``cifarlab.train.fit`` calls :meth:`SpeedNet.start_epoch` before each epoch.
 * the stem runs in fp32 even under bf16 autocast: its filters amplify the
   weakest patch directions up to 1/sqrt(eps) = 45x, and bf16's 8-bit mantissa
   would amplify its rounding error with them.
@@ -87,8 +90,9 @@ class ConvGroup(nn.Module):
 class SpeedNet(nn.Module):
     def __init__(self, num_classes: int, widths: list[int], whiten_kernel: int, bn_momentum: float,
                  bn_eps: float, bn_weight: bool, dirac: bool, head_scale: float, bias_lr_scale: float,
-                 bias_decay: float = 1.0):
+                 bias_decay: float = 1.0, whiten_bias_epochs: float | None = None):
         super().__init__()
+        self.whiten_bias_epochs = whiten_bias_epochs
         k = whiten_kernel
         self.whiten = nn.Conv2d(3, 2 * 3 * k * k, kernel_size=k, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from data by init_whitening, then fixed
@@ -109,6 +113,10 @@ class SpeedNet(nn.Module):
         x = self.blocks(x)  # (B, widths[-1], ~H/8, ~W/8)
         x = torch.amax(x, dim=(2, 3))  # global max-pool: (B, widths[-1])
         return self.head(x) * self.head_scale  # (B, num_classes)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Freeze the stem's bias from epoch ``whiten_bias_epochs`` on (0-based ``epoch``), as airbench94 does."""
+        self.whiten.bias.requires_grad_(self.whiten_bias_epochs is None or epoch < self.whiten_bias_epochs)
 
     # ----------------------------------------------------------- data-dependent init
     @torch.no_grad()
@@ -158,9 +166,10 @@ class SpeedNet(nn.Module):
 @register_model
 def speednet(num_classes: int = 10, *, widths: list[int] = [64, 256, 256], whiten_kernel: int = 2,  # noqa: B006
              bn_momentum: float = 0.1, bn_eps: float = 1e-12, bn_weight: bool = False, dirac: bool = True,
-             head_scale: float = 1 / 9, bias_lr_scale: float = 64.0, bias_decay: float = 1.0) -> nn.Module:
+             head_scale: float = 1 / 9, bias_lr_scale: float = 64.0, bias_decay: float = 1.0,
+             whiten_bias_epochs: float | None = None) -> nn.Module:
     return SpeedNet(num_classes, list(widths), whiten_kernel, bn_momentum, bn_eps, bn_weight, dirac, head_scale,
-                    bias_lr_scale, bias_decay)
+                    bias_lr_scale, bias_decay, whiten_bias_epochs)
 
 
 def _check(p: dict, image_size: int) -> None:
@@ -174,6 +183,8 @@ def _check(p: dict, image_size: int) -> None:
         raise ConfigError(f"model.bn_eps={p['bn_eps']} must be > 0")
     if p["head_scale"] <= 0 or p["bias_lr_scale"] <= 0:
         raise ConfigError("model.head_scale and model.bias_lr_scale must be > 0")
+    if p["whiten_bias_epochs"] is not None and p["whiten_bias_epochs"] < 0:
+        raise ConfigError(f"model.whiten_bias_epochs={p['whiten_bias_epochs']} must be >= 0 (or null: never frozen)")
     if p["bias_decay"] < 0:
         raise ConfigError(f"model.bias_decay={p['bias_decay']} must be >= 0")
     if image_size is not None and (image_size - p["whiten_kernel"] + 1) // 8 < 1:

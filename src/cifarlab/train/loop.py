@@ -494,6 +494,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
             t0 = time.perf_counter()
             if finetune is not None:
                 finetune.start_epoch(epoch)
+            if hasattr(model, "start_epoch"):  # per-epoch model settings (speednet: the stem bias's freeze)
+                model.start_epoch(epoch)
             train_loss, train_acc = train_one_epoch(train_model, train_batches, optimizer, scheduler, per_step, rt,
                                                     cfg, state, epoch, ema, on_step, mix, lookahead,
                                                     class_weight)

@@ -78,11 +78,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
         return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
                           pct_start=pct, anneal_strategy="linear", div_factor=25.0,
                           final_div_factor=1.0 / max(cfg.min_lr_ratio, 1e-4) / 25.0), True
-    floor = cfg.min_lr_ratio
+    floor, start = cfg.min_lr_ratio, cfg.warmup_start
 
     def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
+        if step < warm:  # from warmup_start (airbench94's triangle: 0.2) up to the peak; 0: from 1/warm
+            return start + (1 - start) * step / warm if start else (step + 1) / warm
         t = min(1.0, (step - warm) / max(1, total - warm))
         if cfg.schedule == "cosine":
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
