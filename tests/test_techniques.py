@@ -303,6 +303,31 @@ def test_decoupled_weight_decay_for_sgd():
     assert torch.allclose(model.weight, w0 * (1 - lr * wd) - lr * g, atol=1e-7)
 
 
+def test_coupled_decay_is_torch_sgd_weight_decay_through_the_momentum():
+    """optim.coupled_decay (airbench94's): the same steps as torch's SGD given weight_decay, biases undecayed."""
+    lr, wd, mom = 0.1, 0.05, 0.85
+    model, ref = nn.Linear(3, 2), nn.Linear(3, 2)
+    ref.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, OptimConfig(name="sgd", lr=lr, weight_decay=wd, momentum=mom, coupled_decay=True))
+    ref_opt = torch.optim.SGD([{"params": [ref.weight], "weight_decay": wd}, {"params": [ref.bias], "weight_decay": 0}],
+                              lr=lr, momentum=mom, nesterov=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        grads = [torch.randn(2, 3, generator=g), torch.randn(2, generator=g)]
+        for m, o in ((model, opt), (ref, ref_opt)):
+            m.weight.grad, m.bias.grad = grads[0].clone(), grads[1].clone()
+            apply_decoupled_wd(o)  # a no-op when the decay is coupled
+            o.step()
+    assert torch.allclose(model.weight, ref.weight) and torch.allclose(model.bias, ref.bias)
+    from cifarlab.config import RunConfig
+    from cifarlab.errors import ConfigError
+
+    cfg = RunConfig()
+    cfg.optim.coupled_decay = True  # adamw
+    with pytest.raises(ConfigError, match="optim.coupled_decay"):
+        cfg.validate()
+
+
 def test_sgd_is_nesterov_and_adamw_keeps_its_decay():
     model = nn.Linear(3, 2)
     sgd = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, momentum=0.9))

@@ -76,7 +76,8 @@ class ModelConfig:
 class OptimConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.01  # decoupled weight decay
+    weight_decay: float = 0.01  # decoupled weight decay (decay per step = lr x weight_decay)
+    coupled_decay: bool = False  # SGD: add weight_decay x w to the gradient instead (torch's SGD, airbench94)
     momentum: float = 0.9  # SGD momentum (Nesterov)
     nesterov: bool = True
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
@@ -239,6 +240,8 @@ class RunConfig:
                o.schedule, "must be exponential, cosine, onecycle, linear or constant")
         _check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
         _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+        _check(not o.coupled_decay or o.name == "sgd", "optim.coupled_decay", o.coupled_decay,
+               f"is for SGD (optim.name=sgd), not {o.name}")
         _check(0 <= o.warmup_start <= 1, "optim.warmup_start", o.warmup_start, "must be in [0, 1]")
         _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", o.warmup_fraction,
                "must be in [0, 1): a share of the run")

@@ -37,9 +37,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float | None =
         g["lr"] = lr * g.pop("lr_scale", 1.0)
     if cfg.name == "sgd":
         # Decoupled weight decay for SGD: torch's SGD couples it to the gradient, so we scale it by lr
-        # inside the step instead (see apply_decoupled_wd); here it is off.
-        for g in groups:
-            g["decoupled_wd"] = g.pop("weight_decay")
+        # inside the step instead (see apply_decoupled_wd); here it is off. optim.coupled_decay keeps
+        # torch's coupling (the decay then goes through the momentum, as in airbench94).
+        if not cfg.coupled_decay:
+            for g in groups:
+                g["decoupled_wd"] = g.pop("weight_decay")
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=0.0, fused=_fusable(groups))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
