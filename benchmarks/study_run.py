@@ -1,6 +1,6 @@
 """Run a whole `cifarlab study`, SIGKILLed during a stage-2 sweep and during final training, and check the end.
 
-    python benchmarks/study_run.py configs/studies/cpu-hour.yaml [--out DIR] [--data PATH] [--no-kill]
+    CIFARLAB_DATA=PATH python benchmarks/study_run.py configs/studies/cpu-hour.yaml [--out DIR] [--no-kill]
 
 Three processes, as a user whose machine died twice would run them: the study is started, SIGKILLed
 (the whole process group: sweep workers too) once the first model's stage-2 sweep has a finished trial
@@ -103,7 +103,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("study")
     ap.add_argument("--out", default=None, help="study output root (default: the study file's `out`)")
-    ap.add_argument("--data", default=None, help="passed as --set data.path=PATH")
     ap.add_argument("--no-kill", action="store_true", help="one uninterrupted process")
     args = ap.parse_args()
 
