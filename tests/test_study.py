@@ -20,6 +20,7 @@ from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
 from cifarlab.errors import ConfigError
 from cifarlab.study import load_study_file
+from cifarlab.sweep.spec import base_config, load_sweep_file
 
 from .conftest import REPO, tiny_overrides
 
@@ -160,6 +161,12 @@ def test_study_file_errors(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["seed-study.yaml", "cpu-hour.yaml"])
-def test_shipped_studies_parse(name):
+def test_shipped_studies_parse(name, tmp_path):
     spec = load_study_file(REPO / "configs" / "studies" / name)
     assert [m.name for m in spec.models] == ["resnet18", "cnn", "vit"]
+    for plan in spec.models:  # each stage-1 sweep finds its base recipe from where the pipeline runs it
+        if isinstance(plan.sweep, dict):  # written under the study directory
+            raw, where = plan.sweep, tmp_path / "studies" / spec.name / "sweeps" / "stage1.yaml"
+        else:
+            raw, where = load_sweep_file(plan.sweep), plan.sweep
+        assert base_config(raw, where, plan.config)["model"]["name"] == plan.name

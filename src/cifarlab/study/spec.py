@@ -99,6 +99,18 @@ def _unknown(d: dict, allowed: set[str], where: str) -> None:
                           f"(expected: {', '.join(sorted(allowed))})")
 
 
+def _inline_sweep(sweep: dict, base: Path, where: str) -> dict:
+    """An inline sweep, its ``cifarlab.config`` path made absolute: relative to the study file, as every path in it.
+
+    The pipeline writes the mapping to a file under the study directory, where a relative path would no longer
+    resolve."""
+    ext = sweep.get("cifarlab")
+    if isinstance(ext, dict) and isinstance(ext.get("config"), str):
+        sweep = {**sweep, "cifarlab": {**ext, "config": str(_path(ext["config"], base, f"{where}.sweep.cifarlab.config")
+                                                             .resolve())}}
+    return sweep
+
+
 def _path(value: Any, base: Path, where: str) -> Path:
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a file path")
@@ -139,7 +151,8 @@ def load_study_file(path: str | Path, out: str | Path | None = None) -> StudySpe
         _unknown(m, _MODEL_KEYS, where)
         if "sweep" not in m:
             raise ConfigError(f"{where}.sweep is required (a stage-1 sweep file or mapping)")
-        sweep = m["sweep"] if isinstance(m["sweep"], dict) else _path(m["sweep"], base, f"{where}.sweep")
+        sweep = _inline_sweep(m["sweep"], base, where) if isinstance(m["sweep"], dict) \
+            else _path(m["sweep"], base, f"{where}.sweep")
         final = m.get("final") or {}
         if not isinstance(final, dict):
             raise ConfigError(f"{where}.final must be a mapping (epochs, seeds, set)")
