@@ -106,8 +106,8 @@ def _inline_sweep(sweep: dict, base: Path, where: str) -> dict:
     resolve."""
     ext = sweep.get("cifarlab")
     if isinstance(ext, dict) and isinstance(ext.get("config"), str):
-        sweep = {**sweep, "cifarlab": {**ext, "config": str(_path(ext["config"], base, f"{where}.sweep.cifarlab.config")
-                                                             .resolve())}}
+        config = _path(ext["config"], base, f"{where}.sweep.cifarlab.config").resolve()
+        sweep = {**sweep, "cifarlab": {**ext, "config": str(config)}}
     return sweep
 
 
