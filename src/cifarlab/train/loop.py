@@ -544,6 +544,11 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         log(f"done: best val acc {summary['best_val_acc'] if summary['best_val_acc'] is not None else float('nan'):.4f} "
             f"(epoch {state.best_epoch}, no tta; evaluate uses tta {t.tta}) in {state.train_seconds:.0f}s -> {run_dir}")
+    if guard.signum is not None:
+        # The stop came after the last step (validation, checkpoint, on_epoch_end): the run is finished and
+        # written, and the signal goes to the handler from before the run, which the caller expects to act on.
+        log(f"{signal.Signals(guard.signum).name} after the last step: the run is finished; stopping")
+        signal.raise_signal(guard.signum)
     return summary
 
 
