@@ -94,6 +94,26 @@ def test_help_everywhere():
         assert p.returncode == 0 and "usage" in p.stdout
 
 
+def test_every_help_text_reads_as_written():
+    """Each command's (and sub-command's) --help, formatted in process: no argparse escapes left showing."""
+    import argparse
+
+    from cifarlab.cli.main import build_parser
+
+    def walk(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from walk(child)
+
+    parsers = list(walk(build_parser()))
+    assert len(parsers) > 10
+    for parser in parsers:
+        text = parser.format_help()
+        assert "%%" not in text and "%(" not in text, parser.prog
+
+
 def test_models_lists_param_counts():
     p = subprocess.run([sys.executable, "-m", "cifarlab", "models"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0

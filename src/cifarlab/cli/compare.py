@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Training curves of all runs on shared axes, a table of test loss, accuracy, "
                                    "macro AUC, ECE, parameters, training time and images per second, and the ROC "
                                    "curves of all runs on one chart; for every pair the accuracy difference with a "
-                                   "paired bootstrap 95%% interval and McNemar's exact test (groups: over seeds and "
+                                   "paired bootstrap 95% interval and McNemar's exact test (groups: over seeds and "
                                    "per seed). Runs with different data or classes are refused. Writes "
                                    "comparison.html, comparison.json and PNGs.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or seeds groups (train --seeds N)")
