@@ -196,30 +196,40 @@ def test_sigint_mid_epoch_then_resume_is_bit_exact(small_folder, tmp_path, monke
     assert_same_run(run, tmp_path / "clean")
 
 
-def test_stop_after_the_last_step_finishes_the_run_then_stops(small_folder, tmp_path):
-    """SIGTERM during the last epoch's tail (after its last step: validation, checkpoint, on_epoch_end) is not
-    swallowed: the run is finished and written, then the signal reaches the handler from before the run (a sweep
-    worker's turns it into a stop, and the trial does not quietly run on to the next one)."""
+@pytest.mark.parametrize("then", ["finish", "prune"])
+def test_a_stop_after_the_last_step_is_not_swallowed(small_folder, tmp_path, then):
+    """SIGTERM after a run's last step (its validation, checkpoint, on_epoch_end) reaches the handler from
+    before the run: once the finished run is written, or at once when on_epoch_end raises (a pruned trial), so a
+    sweep worker stops instead of going on to its next trial."""
     from cifarlab.config import load_config
     from cifarlab.train import fit
 
     class Stopped(Exception):
         pass
 
+    class Pruned(Exception):
+        pass
+
     def outer(signum, frame):
         raise Stopped(signum)
 
     cfg = load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(small_folder))
+    at = cfg.train.epochs if then == "finish" else 1
+
+    def on_epoch_end(epoch, row):
+        if epoch == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+            if then == "prune":
+                raise Pruned
+
     old = signal.signal(signal.SIGTERM, outer)
     try:
         with pytest.raises(Stopped):
-            fit(cfg, tmp_path, "run", quiet=True,
-                on_epoch_end=lambda epoch, row: epoch == cfg.train.epochs and os.kill(os.getpid(), signal.SIGTERM))
+            fit(cfg, tmp_path, "run", quiet=True, on_epoch_end=on_epoch_end)
         assert signal.getsignal(signal.SIGTERM) is outer
     finally:
         signal.signal(signal.SIGTERM, old)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["epochs"] == cfg.train.epochs
+    assert (tmp_path / "run" / "summary.json").is_file() == (then == "finish")
 
 
 def test_resume_of_a_finished_run_changes_nothing(trained_run, tmp_path, capsys):

@@ -306,7 +306,11 @@ def seed_everything(seed: int) -> None:
 
 
 class _SignalGuard:
-    """Turn SIGINT / SIGTERM into a flag checked after each step, so the step finishes and a checkpoint is written."""
+    """Turn SIGINT / SIGTERM into a flag checked after each step, so the step finishes and a checkpoint is written.
+
+    A signal no step saw (it came after the last one) is handed on once the handlers from before are back:
+    at once when the block ends in an exception (``on_epoch_end``'s ``TrialPruned``, say), else by the caller
+    through :meth:`redeliver` once it has written what it has to."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -325,9 +329,16 @@ class _SignalGuard:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for s, h in self._old.items():
             signal.signal(s, h)
+        if exc_type is not None and not issubclass(exc_type, (Interrupted, KeyboardInterrupt)):
+            self.redeliver()
+
+    def redeliver(self) -> None:
+        if self.signum is not None:
+            signum, self.signum = self.signum, None
+            signal.raise_signal(signum)
 
 
 # --------------------------------------------------------------------------- fit
@@ -544,11 +555,9 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         log(f"done: best val acc {summary['best_val_acc'] if summary['best_val_acc'] is not None else float('nan'):.4f} "
             f"(epoch {state.best_epoch}, no tta; evaluate uses tta {t.tta}) in {state.train_seconds:.0f}s -> {run_dir}")
-    if guard.signum is not None:
-        # The stop came after the last step (validation, checkpoint, on_epoch_end): the run is finished and
-        # written, and the signal goes to the handler from before the run, which the caller expects to act on.
+    if guard.signum is not None:  # it came after the last step: the run is finished and written, now stop
         log(f"{signal.Signals(guard.signum).name} after the last step: the run is finished; stopping")
-        signal.raise_signal(guard.signum)
+        guard.redeliver()
     return summary
 
 
