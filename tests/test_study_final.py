@@ -97,3 +97,34 @@ def test_final_seeds_claimed_across_machines(small_folder, tmp_path):
     from cifarlab.evaluation.groups import finished_members
 
     assert [k for k, _ in finished_members(a)] == list(range(SEEDS))
+
+
+def test_a_sigterm_during_a_final_seed_queues_it_again(small_folder, tmp_path):
+    """SIGTERM (or Ctrl-C) while a machine trains a claimed seed: the seed goes back to the queue at once, not
+    marked failed, and the same machine, run again, resumes it from its own checkpoint and finishes the group."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    script = tmp_path / "machine.py"
+    script.write_text(MACHINE.format(config=REPO / "configs" / "cnn.yaml", seeds=2, url=url,
+                                     overrides=tiny_overrides(small_folder, **{"train.epochs": 4})))
+    group = tmp_path / "a" / "final" / "cnn"
+    log1 = tmp_path / "a1.log"
+    p = _machine(script, group, log1)
+    t0 = time.monotonic()
+    while "epoch   1/4" not in log1.read_text():
+        assert p.poll() is None, log1.read_text()
+        assert time.monotonic() - t0 < 120, log1.read_text()
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) != 0
+    assert "stopped by SIGTERM" in log1.read_text() and "GROUP DONE" not in log1.read_text()
+    assert [t.state.name for t in _seed_trials(url) if t.params["seed"] == 0] == ["FAIL", "WAITING"]  # queued again
+
+    log2 = tmp_path / "a2.log"
+    p2 = _machine(script, group, log2)
+    assert p2.wait(120) == 0, log2.read_text()
+    out = log2.read_text()
+    assert "GROUP DONE" in out and "resuming" in out and "failed" not in out, out
+    complete = [t.params["seed"] for t in _seed_trials(url) if t.state.name == "COMPLETE"]
+    assert sorted(complete) == [0, 1]
+    rows = (group / "seed-0" / "metrics.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]  # resumed, each epoch once

@@ -46,6 +46,11 @@ class _Duplicate(CifarlabError):
     """Another trial holds the same seed."""
 
 
+class _Stopped(Exception):
+    """``fit`` was stopped by Ctrl-C / SIGTERM: not a CifarlabError, which Optuna would catch and the loop would
+    read as the seed's own failure (a seed the study then refused for good)."""
+
+
 def _study(storage, name: str, seeds: int):
     import optuna
 
@@ -89,14 +94,16 @@ def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str,
     import optuna
     from optuna.trial import TrialState
 
-    from ..sweep.engine import GRACE_FACTOR, _fail_stale, open_storage, requeue
+    from ..sweep.engine import GRACE_FACTOR, _fail_stale, _silence_handled, open_storage, requeue
     from ..train.group import prepare_group
+    from ..train.loop import Interrupted
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prepare_group(cfg, group_dir, seeds, overwrite=False)
     study = _study(open_storage(storage_url, heartbeat), name, seeds)
     host = f"{socket.gethostname()}:{os.getpid()}"
     state = {"data": None, "current": None}
+    stopped: set[int] = set()  # trials stopped by a signal: Optuna's failure warning is not shown for them
 
     def objective(trial) -> float:
         state["current"] = trial.number
@@ -112,6 +119,9 @@ def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str,
         log(f"seed {k + 1}/{seeds} (train.seed={cfg.train.seed + k}) claimed (trial {trial.number})")
         try:
             acc = _train_seed(cfg, group_dir, k, state, log)
+        except Interrupted as e:
+            stopped.add(trial.number)
+            raise _Stopped() from e
         except CifarlabError as e:
             trial.set_user_attr("error", str(e))
             raise
@@ -138,11 +148,14 @@ def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str,
         if any(t.state == TrialState.WAITING for t in trials):
             state["current"] = None
             try:
-                study.optimize(objective, n_trials=1, catch=(CifarlabError,), gc_after_trial=False)
-            except KeyboardInterrupt:
+                with _silence_handled(stopped):
+                    study.optimize(objective, n_trials=1, catch=(CifarlabError,), gc_after_trial=False)
+            except (KeyboardInterrupt, _Stopped) as e:
                 t = next((t for t in study.get_trials(deepcopy=False) if t.number == state["current"]), None)
                 if t is not None and t.state == TrialState.FAIL and _seed_of(t) is not None:
                     requeue(study, t)  # the seed goes back to the queue; this machine's checkpoint stays
+                if isinstance(e, _Stopped):
+                    raise e.__cause__ from None  # fit's Interrupted: its message and exit status
                 raise
             said_waiting = False
             continue
