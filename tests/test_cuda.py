@@ -87,9 +87,10 @@ def test_tta_logits_on_cuda_match_the_cpu():
 
 
 @needs_cuda
-def test_mid_epoch_resume_on_cuda(small_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mid_epoch_resume_on_cuda(small_folder, tmp_path, monkeypatch, precision):
     cfg = load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(
-        small_folder, **{"train.device": "cuda", "train.precision": "bf16", "train.epochs": 2,
+        small_folder, **{"train.device": "cuda", "train.precision": precision, "train.epochs": 2,
                          "train.checkpoint_every_steps": 2, "train.ema": 0.9}))
     real_epoch, armed = loader.DeviceBatches.epoch, [True]
 
@@ -103,7 +104,9 @@ def test_mid_epoch_resume_on_cuda(small_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(loader.DeviceBatches, "epoch", crashing_epoch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(cfg, tmp_path, "run", quiet=True)
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["epoch"] == 1
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["train_state"]["epoch"] == 1
+    assert (ckpt["scaler"] is not None) == (precision == "fp16")  # fp16's loss scale is resumed, not restarted
     summary = fit(cfg, tmp_path, "run", resume=True, quiet=True)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["epoch"] == 2
     assert math.isfinite(summary["best_val_acc"])

@@ -196,6 +196,37 @@ def test_sigint_mid_epoch_then_resume_is_bit_exact(small_folder, tmp_path, monke
     assert_same_run(run, tmp_path / "clean")
 
 
+def test_fp16_loss_scale_is_checkpointed_and_resumed(small_folder, tmp_path, monkeypatch, capsys):
+    """fp16's loss scale is training state: a resume that started again from GradScaler's initial scale would
+    skip again the overflowing steps the interrupted run had already skipped, and train another run. fp16 is a
+    CUDA precision; the CPU's fp16 autocast and GradScaler stand in for it here, from a scale so large that the
+    first steps overflow (as they do on a GPU from the default 65536 with larger losses)."""
+    import functools
+
+    import cifarlab.train.loop as loop
+    import cifarlab.train.runtime as runtime
+
+    monkeypatch.setattr(runtime, "resolve_precision", lambda precision, device: "fp16")
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**30))
+    args = ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path),
+            *_sets(small_folder, **{"train.epochs": 2})]
+    assert _cli(*args, "--name", "clean") == 0
+    real = loop.step_seed
+
+    def step_seed(seed, epoch, step, *rest):
+        if (epoch, step) == (0, 20):
+            signal.raise_signal(signal.SIGINT)
+        return real(seed, epoch, step, *rest)
+
+    monkeypatch.setattr(loop, "step_seed", step_seed)
+    assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
+    scaler = load_checkpoint(tmp_path / "run" / "last.pt")["scaler"]
+    assert scaler["scale"] < 2.0**30  # overflowing steps were skipped and the scale came down
+    monkeypatch.setattr(loop, "step_seed", real)
+    assert _cli("train", "--resume", str(tmp_path / "run")) == 0
+    assert_same_run(tmp_path / "run", tmp_path / "clean")
+
+
 @pytest.mark.parametrize("then", ["finish", "prune"])
 def test_a_stop_after_the_last_step_is_not_swallowed(small_folder, tmp_path, then):
     """SIGTERM after a run's last step (its validation, checkpoint, on_epoch_end) reaches the handler from

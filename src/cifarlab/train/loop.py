@@ -436,6 +436,8 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
                 ema.averaged.n_averaged.fill_(int(ckpt_state.get("ema_updates", 1)))
             if lookahead is not None:
                 lookahead.load_state_dict(ckpt_state["lookahead"])
+            if rt.scaler.is_enabled() and ckpt_state.get("scaler"):  # fp16: the loss scale it had reached
+                rt.scaler.load_state_dict(ckpt_state["scaler"])
             state = TrainState(**ckpt_state["train_state"])
             if not dist.is_main():  # the saved partial sums cover every rank; rank 0 alone resumes with them
                 state.partial = [0.0, 0.0, 0.0]
@@ -475,6 +477,7 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
                 "scheduler": scheduler.state_dict(), "ema": state_dict_cpu(ema.module) if ema else None,
                 "ema_updates": int(ema.averaged.n_averaged) if ema else 0,
                 "lookahead": lookahead.state_dict() if lookahead else None,
+                "scaler": rt.scaler.state_dict() if rt.scaler.is_enabled() else None,
                 "train_state": _train_state_dict(state, running), "rng": rng_state(), "model_name": cfg.model.name,
                 "num_classes": data.num_classes, "config": cfg.to_dict()})
         dist.barrier()
