@@ -273,6 +273,46 @@ def test_interrupt_queues_the_running_trial_and_rerun_finishes(small_folder, tmp
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
 
 
+@pytest.mark.parametrize("then", ["finish", "prune"])
+def test_a_stop_as_a_trial_ends_keeps_its_result_and_stops_the_worker(small_folder, tmp_path, monkeypatch, then):
+    """Ctrl-C after the second trial's last step (it finishes and is written) or as it is pruned: the trial is
+    recorded as it ended, not queued to run again, and the sweep stops; a rerun goes on with the next trial."""
+    import cifarlab.train
+
+    real_fit = cifarlab.train.fit
+    calls = []
+
+    def fit_then_ctrl_c(cfg, out, name, **kw):
+        user_cb = kw.pop("on_epoch_end")
+        calls.append(name)
+
+        def cb(epoch, row):
+            user_cb(epoch, row)
+            if len(calls) == 2 and epoch == (2 if then == "finish" else 1):
+                os.kill(os.getpid(), signal.SIGINT)
+                if then == "prune":
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch}/2")
+
+        return real_fit(cfg, out, name, on_epoch_end=cb, **kw)
+
+    monkeypatch.setattr(cifarlab.train, "fit", fit_then_ctrl_c)
+    f = write_sweep(tmp_path / "s.yaml", name="late", method="random", run_cap=3,
+                    parameters={"optim.lr": {"values": [0.003, 0.001]}})
+    kw = dict(out=tmp_path, heartbeat=1, quiet=True, overrides=tiny(small_folder, **{"train.epochs": 2}))
+    with pytest.raises(SweepInterrupted):
+        run_sweep(f, **kw)
+    trials = open_study(tmp_path / "late").study.get_trials()
+    ended = "COMPLETE" if then == "finish" else "PRUNED"
+    assert [t.state.name for t in trials] == ["COMPLETE", ended]  # nothing queued to run the trial again
+    assert "interrupted" not in trials[1].user_attrs and len(trials[1].user_attrs["history"]["val_acc"]) == \
+        (2 if then == "finish" else 1)
+
+    monkeypatch.setattr(cifarlab.train, "fit", real_fit)
+    summary = run_sweep(f, **kw)
+    assert summary["counted"] == 3 and len(calls) == 2
+    assert [t.state.name for t in open_study(tmp_path / "late").study.get_trials()] == ["COMPLETE", ended, "COMPLETE"]
+
+
 def test_failing_trial_counts_and_is_reported(small_folder, tmp_path):
     """A value the model rejects only in combination fails that trial, with its message, and uses its place."""
     f = write_sweep(tmp_path / "s.yaml", name="bad", method="grid",

@@ -402,6 +402,8 @@ def work(run: Worker) -> str:
                     continue
                 objective.current = None
                 study.optimize(objective, n_trials=1, catch=(CifarlabError,), gc_after_trial=False)
+                if objective.stop_after_trial:
+                    return "interrupted"
             except (KeyboardInterrupt, _StopWorker):
                 if objective.current is not None:
                     t = next((t for t in study.get_trials(deepcopy=False) if t.number == objective.current), None)
@@ -426,6 +428,7 @@ class Objective:
     def __init__(self, run: Worker, study):
         self.run, self.study = run, study
         self.current: int | None = None
+        self.stop_after_trial = False  # a stop came as the trial ended: record it, then end the worker
         self.handled: set[int] = set()  # trials whose failure this class reports itself (no Optuna traceback)
         self._data: dict[tuple, Any] = {}
         self._host = socket.gethostname()
@@ -465,9 +468,19 @@ class Objective:
         except Interrupted as e:  # fit's "resume with" hint does not apply: the trial is queued to run again
             self._end(logger, "interrupted", trial, "interrupted", str(e).split(";")[0])
             raise _StopWorker(str(e)) from None
-        except KeyboardInterrupt:
-            self._end(logger, "interrupted", trial, "interrupted", "KeyboardInterrupt")
-            raise
+        except KeyboardInterrupt as e:
+            # A stop that came after the trial's last step reaches here once fit has written the finished run
+            # (summary.json), or as the trial was being pruned: the trial keeps its result, and the worker
+            # stops once Optuna has recorded it. Any other stop leaves the trial to be queued again.
+            pruned = e.__context__ if isinstance(e.__context__, optuna.TrialPruned) else None
+            if pruned is None and not (run_dir / "summary.json").is_file():
+                self._end(logger, "interrupted", trial, "interrupted", "KeyboardInterrupt")
+                raise
+            self.stop_after_trial = True
+            if pruned is not None:
+                self.say(f"trial {trial.number} {pruned} ({_last(hist, spec.metric)}); stopping")
+                self._end(logger, "pruned")
+                raise pruned from None
         except CifarlabError as e:
             self.say(f"trial {trial.number} failed: {e}")
             self._end(logger, "failed", trial, "error", str(e))
