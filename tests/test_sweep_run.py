@@ -237,24 +237,35 @@ def test_dead_worker_trial_fails_and_runs_again(small_folder, tmp_path):
     assert {n: trials[n].value for n in before} == before  # finished trials kept as they were
 
 
-def test_interrupt_queues_the_running_trial_and_rerun_finishes(small_folder, tmp_path, monkeypatch):
+def _fit_with(after_epoch, calls: list):
+    """cifarlab.train.fit whose on_epoch_end then calls ``after_epoch(trial, epoch)``, trials counted from 1."""
     import cifarlab.train
 
     real_fit = cifarlab.train.fit
-    calls = []
 
-    def fit_then_ctrl_c(cfg, out, name, **kw):
+    def fit(cfg, out, name, **kw):
         user_cb = kw.pop("on_epoch_end")
         calls.append(name)
 
         def cb(epoch, row):
             user_cb(epoch, row)
-            if len(calls) == 2 and epoch == 1:  # Ctrl-C during the second trial
-                os.kill(os.getpid(), signal.SIGINT)
+            after_epoch(len(calls), epoch)
 
         return real_fit(cfg, out, name, on_epoch_end=cb, **kw)
 
-    monkeypatch.setattr(cifarlab.train, "fit", fit_then_ctrl_c)
+    return fit
+
+
+def test_interrupt_queues_the_running_trial_and_rerun_finishes(small_folder, tmp_path, monkeypatch):
+    import cifarlab.train
+
+    real_fit = cifarlab.train.fit
+
+    def ctrl_c(trial, epoch):
+        if trial == 2 and epoch == 1:  # Ctrl-C during the second trial
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cifarlab.train, "fit", _fit_with(ctrl_c, []))
     f = write_sweep(tmp_path / "s.yaml", name="intr", method="random", run_cap=3,
                     parameters={"optim.lr": {"values": [0.003, 0.001]}})
     kw = dict(out=tmp_path, heartbeat=1, quiet=True, overrides=tiny(small_folder, **{"train.epochs": 2}))
@@ -282,20 +293,13 @@ def test_a_stop_as_a_trial_ends_keeps_its_result_and_stops_the_worker(small_fold
     real_fit = cifarlab.train.fit
     calls = []
 
-    def fit_then_ctrl_c(cfg, out, name, **kw):
-        user_cb = kw.pop("on_epoch_end")
-        calls.append(name)
+    def ctrl_c(trial, epoch):
+        if trial == 2 and epoch == (2 if then == "finish" else 1):
+            os.kill(os.getpid(), signal.SIGINT)
+            if then == "prune":
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}/2")
 
-        def cb(epoch, row):
-            user_cb(epoch, row)
-            if len(calls) == 2 and epoch == (2 if then == "finish" else 1):
-                os.kill(os.getpid(), signal.SIGINT)
-                if then == "prune":
-                    raise optuna.TrialPruned(f"pruned after epoch {epoch}/2")
-
-        return real_fit(cfg, out, name, on_epoch_end=cb, **kw)
-
-    monkeypatch.setattr(cifarlab.train, "fit", fit_then_ctrl_c)
+    monkeypatch.setattr(cifarlab.train, "fit", _fit_with(ctrl_c, calls))
     f = write_sweep(tmp_path / "s.yaml", name="late", method="random", run_cap=3,
                     parameters={"optim.lr": {"values": [0.003, 0.001]}})
     kw = dict(out=tmp_path, heartbeat=1, quiet=True, overrides=tiny(small_folder, **{"train.epochs": 2}))
