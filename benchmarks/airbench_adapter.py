@@ -215,14 +215,14 @@ def timed_loader_class(airbench, device: torch.device):
 
 
 def train_airbench94(data_dir: Path, device: torch.device, *, seed: int = 0, epochs: float | None = None,
-                     batch_size: int | None = None, bf16: bool = False, eval_each_pass: bool = True,
-                     score_from: int = 1, subset: int | None = None, widths: list[int] | None = None,
+                     batch_size: int | None = None, bf16: bool = False, score_from: float = 1,
+                     subset: int | None = None, widths: list[int] | None = None,
                      log: Callable[[str], None] = lambda s: None) -> AirbenchRun:
     """One ``train94`` run on ``data_dir``'s ``train.pt``, scored on its ``test.pt`` after every pass.
 
     ``epochs`` / ``batch_size`` default to airbench94's ``hyp`` (9.9 and 1024); everything else is ``hyp``.
-    ``eval_each_pass=False`` scores only after the last pass, ``score_from=P`` only after pass P and later ones
-    (the last always; a pass not scored has accuracy NaN); ``subset`` trains on the first images only;
+    ``score_from=P`` scores only after pass P and later ones (the last always; ``math.inf``: the last only; a
+    pass not scored has accuracy NaN); ``subset`` trains on the first images only;
     ``widths`` are the net's block widths (default hyp's).
     """
     airbench = require_airbench()
@@ -241,7 +241,7 @@ def train_airbench94(data_dir: Path, device: torch.device, *, seed: int = 0, epo
         t0 = time.perf_counter()
         acc = float("nan")
         passes = len(run.rows) + 1
-        if (eval_each_pass and passes >= score_from) or steps >= total_steps:
+        if passes >= score_from or steps >= total_steps:
             acc = airbench.evaluate(holder["model"], test_loader, tta_level=tta_level)
         run.eval_s += time.perf_counter() - t0
         done = steps / len(loader)

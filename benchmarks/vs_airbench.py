@@ -194,7 +194,7 @@ def warm_up(cfg: RunConfig, data: CifarData, data_dir: Path, device: torch.devic
     wcfg = copy.deepcopy(cfg)
     wcfg.train.epochs = wcfg.train.val_every = 1
     fit(wcfg, out_dir, "warm-up", data=sub, quiet=True, overwrite=True)
-    train_airbench94(data_dir, device, epochs=1, batch_size=min(batch_size, n), bf16=bf16, eval_each_pass=False,
+    train_airbench94(data_dir, device, epochs=1, batch_size=min(batch_size, n), bf16=bf16, score_from=math.inf,
                      subset=n, widths=widths)
 
 

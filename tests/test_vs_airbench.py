@@ -98,7 +98,7 @@ def test_a_failure_scoring_the_last_pass_is_raised_not_swallowed(tmp_path, monke
     # 1.5 epochs of 2 batches: the last pass ends at train's break, inside the loader generator's close()
     with pytest.raises(RuntimeError, match="scoring failed"):
         adapter.train_airbench94(data_dir, torch.device("cpu"), epochs=1.5, batch_size=64, widths=[8, 16, 16],
-                                 eval_each_pass=False)
+                                 score_from=math.inf)
 
 
 def test_airbench_net_on_the_cpu_keeps_its_modules_and_the_whitening_stem_in_fp32():
