@@ -16,7 +16,8 @@ import yaml
 
 from cifarlab.cli.main import main
 from cifarlab.errors import ConfigError
-from cifarlab.train.checkpoint import atomic_write, load_checkpoint, previous_path, save_checkpoint
+from cifarlab.io import atomic_write
+from cifarlab.train.checkpoint import load_checkpoint, previous_path, save_checkpoint
 from cifarlab.train.loop import _open_run_dir, prepare_run_dir
 from cifarlab.train.resume import find_checkpoint, resume_config
 

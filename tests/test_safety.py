@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from cifarlab.cli.main import main
 from cifarlab.errors import CheckpointError, CifarlabError
 from cifarlab.train import checkpoint as ckpt
-from cifarlab.train.checkpoint import atomic_write, load_checkpoint, load_weights, save_checkpoint
+from cifarlab.io import atomic_write
+from cifarlab.train.checkpoint import load_checkpoint, load_weights, save_checkpoint
 
 from .conftest import REPO, tiny_overrides
 from .test_resume import assert_same_run

@@ -10,10 +10,8 @@ the registered model builder, checked against that builder's signature.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
-import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from .coerce import coerce
 from .errors import ConfigError
 
 
@@ -157,7 +156,7 @@ class RunConfig:
         return cfg
 
     def save(self, path: str | Path) -> None:
-        from .train.checkpoint import atomic_write_text  # late import (torch); a kill mid-write must not tear it
+        from .io import atomic_write_text  # a kill mid-write must not tear it
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -174,7 +173,7 @@ class RunConfig:
             raise ConfigError(f"unknown config section '{section}' in '{dotted}' (expected: {', '.join(SECTIONS)})")
         obj = getattr(self, section)
         if section == "model" and key == "name":
-            name = _coerce(dotted, value, str)
+            name = coerce(dotted, value, str)
             if name != obj.name:
                 _reset_model_params(obj, name)
             obj.name = name
@@ -191,7 +190,7 @@ class RunConfig:
         if key not in types_ or key == "params":
             raise ConfigError(f"unknown config key '{dotted}'; {section} keys are: "
                               f"{', '.join(k for k in types_ if k != 'params')}")
-        setattr(obj, key, _coerce(dotted, value, _resolve_type(type(obj), key)))
+        setattr(obj, key, coerce(dotted, value, _resolve_type(type(obj), key)))
         if dotted in WARMUP_KEYS and getattr(obj, key) > 0:  # two spellings of one warm-up: the last one set wins
             other = WARMUP_KEYS[dotted].split(".", 1)[1]
             setattr(obj, other, 0.0)
@@ -370,60 +369,6 @@ def _resolve_type(cls: type, key: str) -> Any:
     return typing.get_type_hints(cls)[key]
 
 
-def _coerce(name: str, value: Any, typ: Any) -> Any:
-    """Convert ``value`` to ``typ`` where that is lossless, else raise ConfigError."""
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        last: ConfigError | None = None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(name, value, a)
-            except ConfigError as e:
-                last = e
-        raise last or ConfigError(f"{name}: bad value {value!r}")
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        (inner,) = args
-        return [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return int(value)
-    if typ is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-3" as a string
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        try:
-            value = float(value)
-        except OverflowError:  # an int beyond float range
-            value = math.inf
-        if not math.isfinite(value):  # a range check alone lets inf through where only a lower bound exists
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        return value
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    return value
-
-
 def _check(ok: bool, key: str, value: Any, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} {msg}")
@@ -432,22 +377,3 @@ def _check(ok: bool, key: str, value: Any, msg: str) -> None:
 def _pair(value: list[float], key: str, lo: float, hi: float) -> None:
     _check(len(value) == 2 and lo < value[0] <= value[1] <= hi, key, value,
            f"must be [low, high] with {lo} < low <= high <= {hi}")
-
-
-def coerce_like(name: str, value: Any, default: Any) -> Any:
-    """Coerce a model hyperparameter to the type of its builder default."""
-    if default is None or isinstance(default, dataclasses.Field):
-        return value
-    if isinstance(default, bool):
-        return _coerce(name, value, bool)
-    if isinstance(default, int):
-        return _coerce(name, value, int)
-    if isinstance(default, float):
-        return _coerce(name, value, float)
-    if isinstance(default, str):
-        return _coerce(name, value, str)
-    if isinstance(default, (list, tuple)):
-        inner = type(default[0]) if default else Any
-        inner = float if inner is float else int if inner is int else inner
-        return _coerce(name, value, list[inner]) if inner is not Any else list(value)
-    return value

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .errors import CifarlabError
 from .predict import Predictor
-from .train.checkpoint import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 MIN_AGREEMENT = 0.999  # share of labels ONNX must give as PyTorch does

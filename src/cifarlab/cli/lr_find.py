@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..errors import ConfigError
-    from ..train.checkpoint import atomic_write_text
+    from ..io import atomic_write_text
     from ..train.lr_finder import lr_find, plot
     from .common import config_overrides
 

@@ -87,7 +87,7 @@ def narrow_cmd(args: argparse.Namespace) -> int:
     text, _ = narrow(s, args.top)
     out = _output_file(args, f"narrow-top{args.top}.yaml") or (s.sweep_dir or Path(".")) / f"narrow-top{args.top}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    from ..train.checkpoint import atomic_write_text
+    from ..io import atomic_write_text
 
     atomic_write_text(out, text)
     print(out)
@@ -111,7 +111,7 @@ def best_cmd(args: argparse.Namespace) -> int:
     out = _output_file(args, "best.yaml")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        from ..train.checkpoint import atomic_write_text
+        from ..io import atomic_write_text
 
         atomic_write_text(out, text)
         print(out)

@@ -18,7 +18,8 @@ from ..data import CifarData, load_data
 from ..data.loader import DeviceBatches
 from ..errors import CifarlabError
 from ..metrics import Accuracy, summary_scores
-from ..train.checkpoint import atomic_write, atomic_write_text, load_into, load_weights
+from ..io import atomic_write, atomic_write_text
+from ..train.checkpoint import load_into, load_weights
 from ..train.loop import TTA_VIEWS, build_model, evaluate
 from ..train.runtime import Runtime, setup_runtime
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from . import register_model
+from .registry import register_model
 
 
 class SmallCNN(nn.Module):

@@ -26,17 +26,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError
-from . import classifier_name
+from .registry import classifier_name, model_kwargs
 from .timm_models import architecture, is_timm, pretrained_cfg, require_timm
 
-if TYPE_CHECKING:
-    from ..config import RunConfig
+# A cifarlab.config.RunConfig: config imports this module to validate a run, so this one does not import config.
+RunConfig = Any
 
 # cifarlab model -> torchvision weights enum and member (the study's ResNet18 is torchvision's).
 TORCHVISION_WEIGHTS = {"resnet18": ("ResNet18_Weights", "IMAGENET1K_V1")}
@@ -302,7 +302,6 @@ def load_initial_weights(model: nn.Module, cfg: RunConfig, num_classes: int) -> 
 def _load_timm(model: nn.Module, cfg: RunConfig, num_classes: int) -> str:
     """timm builds the pretrained model from the cached file (its filters and head handling apply), then its
     tensors are copied into ``model``, which carries cifarlab's input resizing."""
-    from . import model_kwargs
 
     timm = require_timm()
     path = _fetch_timm(cfg.model.name)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_model
+from .registry import register_model
 
 
 class CentreTapConv2d(nn.Conv2d):

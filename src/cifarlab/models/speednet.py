@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from . import register_model
+from .registry import register_model
 
 
 class Conv(nn.Conv2d):

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from . import register_model
+from .registry import register_model
 from .dropout import Dropout, dropout
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import CifarlabError
 from ..evaluation.comparison import Entry, compare_numbers
 from ..evaluation.groups import finished_members, is_group
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from . import figures
 from . import html as H
 from .groups import band_curves, seeds_spread, significance_table, spread_table

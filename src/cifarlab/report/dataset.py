@@ -20,7 +20,7 @@ from ..data.augment import BatchAugment
 from ..data.dataset import SplitPlan, channel_stats, load_raw, plan_splits
 from ..data.loader import step_seed
 from ..errors import DataError
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from . import figures
 from . import html as H
 from .runs import json_safe, warn

@@ -24,7 +24,7 @@ def colour(i: int) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    from ..train.checkpoint import atomic_write  # a kill mid-write must not leave a torn PNG
+    from ..io import atomic_write  # a kill mid-write must not leave a torn PNG
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight", facecolor="white"))
     return path

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from . import figures
 from . import html as H
 from .figures import _finite, _marker, _save, colour

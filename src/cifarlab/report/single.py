@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CifarlabError
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from . import figures
 from . import html as H
 from .metrics import classification_metrics, confidently_wrong

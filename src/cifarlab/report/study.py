@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from . import figures
 from . import html as H
 from .groups import band_curves, seeds_spread, significance_table, spread_table

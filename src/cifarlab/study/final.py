@@ -31,7 +31,7 @@ from typing import Callable
 from ..config import RunConfig
 from ..errors import CifarlabError
 from ..evaluation.groups import seed_dir
-from ..train.checkpoint import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text
 
 SEED = "seed"
 FILE_PREFIX = "file:"

@@ -31,7 +31,7 @@ import yaml
 
 from ..config import RunConfig
 from ..errors import CifarlabError
-from ..train.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from .spec import ModelPlan, StudySpec, load_study_file
 
 STAGES = ("stage1", "narrow", "stage2", "best", "final", "evaluate")

@@ -16,7 +16,7 @@ BEST_CURVES = 30
 
 
 def _save_png(fig, path: Path) -> None:
-    from ..train.checkpoint import atomic_write  # a kill mid-write must not leave a torn PNG
+    from ..io import atomic_write  # a kill mid-write must not leave a torn PNG
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 

@@ -281,7 +281,7 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
             st.set_user_attr("sweep", json.loads(json.dumps(spec.raw)))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     st.set_user_attr("budget", int(budget))
-    from ..train.checkpoint import atomic_write_text  # late import (torch); `sweep report` reads these files
+    from ..io import atomic_write_text  # late import (torch); `sweep report` reads these files
 
     atomic_write_text(sweep_dir / "study.json", json.dumps({"study": name, "storage": url}, indent=2) + "\n")
     atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(spec.raw, sort_keys=False))

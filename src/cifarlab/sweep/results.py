@@ -87,7 +87,7 @@ def trial_rows(s: Study) -> list[dict[str, Any]]:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    from ..train.checkpoint import atomic_write  # a kill mid-write must not leave a torn table
+    from ..io import atomic_write  # a kill mid-write must not leave a torn table
 
     path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -86,7 +86,7 @@ class Tracker:
         return json.loads(f.read_text()) if f.is_file() else {}
 
     def _save_id(self, run_id: str) -> None:
-        from ..train.checkpoint import atomic_write_text
+        from ..io import atomic_write_text
 
         ids = self._ids()
         ids[self.name] = run_id

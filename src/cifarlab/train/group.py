@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 from ..config import RunConfig
 from ..errors import CifarlabError, ConfigError
 from ..evaluation.groups import GROUP_FILE, members, read_group, seed_dir
-from .checkpoint import atomic_write_text
+from ..io import atomic_write_text
 
 # Keys that may differ between the command that started a group and the one that continues it.
 _LOCAL_KEYS = {("train", "device"), ("data", "path")}

@@ -33,8 +33,8 @@ from ..data.streaming import make_batches
 from ..errors import CheckpointError, CifarlabError, ConfigError
 from ..models import count_parameters
 from . import distributed as dist
-from .checkpoint import (atomic_write_text, load_into, save_checkpoint, save_weights,
-                         state_dict_cpu, unwrap)
+from ..io import atomic_write_text
+from .checkpoint import load_into, save_checkpoint, save_weights, state_dict_cpu, unwrap
 from .ema import Lookahead, ModelEMA
 from .optim import apply_decoupled_wd, build_optimizer, build_scheduler
 from .resume import existing_run_message, find_checkpoint, is_temp_file, run_files, set_aside_unreadable

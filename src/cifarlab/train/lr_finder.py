@@ -251,7 +251,7 @@ def plot(result: LRFindResult, path: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from ..io import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="loss")
