@@ -36,7 +36,7 @@ SPEC = "generated:"
 def register_generated_source() -> None:
     """A source for ``--data generated:N:SIZE``: images written straight into the decode cache."""
     from cifarlab.data.cache import cached, fingerprint
-    from cifarlab.data.sources import RawData, Source, register_source
+    from cifarlab.data.registry import RawData, Source, register_source
 
     @register_source("generated")
     def _resolve(spec, cfg):

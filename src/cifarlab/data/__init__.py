@@ -7,4 +7,4 @@ normalized and augmented as whole tensors (see :mod:`cifarlab.data.augment`).
 """
 
 from .dataset import CifarData, load_data, resolve_source  # noqa: F401
-from .sources import RawData  # noqa: F401
+from .registry import RawData  # noqa: F401

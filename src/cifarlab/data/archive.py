@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataError
-from .sources import CIFAR10_CLASSES, RawData, Source, cache_dir, register_source
+from .registry import CIFAR10_CLASSES, RawData, Source, cache_dir, register_source
 
 try:  # numpy >= 2 moved the module; importing numpy.core there warns
     from numpy._core.multiarray import _reconstruct as _np_reconstruct

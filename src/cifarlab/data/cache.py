@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .sources import RawData, cache_dir
+from .registry import RawData, cache_dir
 
 CACHE_VERSION = 2  # 2: one memory-mappable .npy per split and array
 

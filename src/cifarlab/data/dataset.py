@@ -12,7 +12,8 @@ from sklearn.model_selection import train_test_split
 
 from ..config import DataConfig, RunConfig
 from ..errors import ConfigError, DataError
-from .sources import RawData, find_source
+from .registry import RawData
+from .sources import find_source
 
 
 @dataclass

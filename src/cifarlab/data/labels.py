@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .folder import IMAGE_EXTS, SPLIT_NAMES, decode_splits
-from .sources import RawData, Source, register_source
+from .registry import RawData, Source, register_source
 
 PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "id", "name")
 LABEL_COLUMNS = ("label", "class", "target", "category", "y")

@@ -27,7 +27,7 @@ import numpy as np
 import torchvision.datasets as tvd
 
 from ..errors import DataError
-from .sources import RawData, Source, cache_dir, register_source
+from .registry import RawData, Source, cache_dir, register_source
 
 
 @dataclass(frozen=True)
