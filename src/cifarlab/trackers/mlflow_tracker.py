@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import Tracker, TrackerError, epoch_metrics, flatten_config
+from .base import Tracker, TrackerError, epoch_metrics, flatten_config
 
 EXPERIMENT = "cifarlab"
 _PARAM_MAX = 6000  # MLflow's limit on a parameter value's length

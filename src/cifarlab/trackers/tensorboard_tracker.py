@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from . import Tracker, epoch_metrics
+from .base import Tracker, epoch_metrics
 
 
 class TensorBoardTracker(Tracker):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from . import Tracker, TrackerError, epoch_metrics
+from .base import Tracker, TrackerError, epoch_metrics
 
 PROJECT = "cifarlab"
 
