@@ -75,7 +75,9 @@ from cifarlab.data import CifarData, load_data
 from cifarlab.data.augment import BatchAugment
 from cifarlab.data.loader import DeviceBatches
 from cifarlab.models.resnet import CentreTapConv2d
-from cifarlab.train.loop import TrainState, build_model, predict_logits, train_one_epoch
+from cifarlab.evaluation.inference import predict_logits
+from cifarlab.models import build_model
+from cifarlab.train.loop import TrainState, train_one_epoch
 from cifarlab.train.optim import build_optimizer, build_scheduler
 from cifarlab.train.runtime import Runtime, keep_freed_memory, maybe_compile, setup_runtime
 

@@ -46,7 +46,9 @@ from cifarlab.config import RunConfig, load_config
 from cifarlab.data import CifarData, load_data
 from cifarlab.data.loader import DeviceBatches
 from cifarlab.errors import CifarlabError
-from cifarlab.train import build_model, evaluate, fit
+from cifarlab.evaluation.inference import evaluate
+from cifarlab.models import build_model
+from cifarlab.train import fit
 from cifarlab.train.checkpoint import load_checkpoint, load_into
 from cifarlab.train.runtime import setup_runtime
 
@@ -174,7 +176,8 @@ def summarize(config: str, target: float, runs: list[dict]) -> dict:
 def probe(cfg: RunConfig, steps: int, n_train: int = 40000, n_test: int = 10000) -> dict:
     """Time ``steps`` training steps and one TTA evaluation on random uint8 images (no data set needed)."""
     from cifarlab.data.augment import BatchAugment, progressive_cost
-    from cifarlab.train.loop import soft_cross_entropy, tta_logits
+    from cifarlab.evaluation.inference import tta_logits
+    from cifarlab.train.loop import soft_cross_entropy
     from cifarlab.train.optim import apply_decoupled_wd, build_optimizer, build_scheduler
 
     if cfg.data.image_size is None:  # no data is read: images of CIFAR-10's 32 px

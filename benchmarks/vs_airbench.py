@@ -64,7 +64,8 @@ from cifarlab.data import CifarData, load_data  # noqa: E402
 from cifarlab.data.dataset import apply_data_defaults  # noqa: E402
 from cifarlab.data.loader import DeviceBatches  # noqa: E402
 from cifarlab.errors import CifarlabError  # noqa: E402
-from cifarlab.train import evaluate, fit  # noqa: E402
+from cifarlab.evaluation.inference import evaluate  # noqa: E402
+from cifarlab.train import fit  # noqa: E402
 from cifarlab.train.checkpoint import load_checkpoint  # noqa: E402
 from cifarlab.train.runtime import setup_runtime  # noqa: E402
 from throughput import data_path, device_name  # noqa: E402

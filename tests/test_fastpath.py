@@ -21,7 +21,7 @@ from cifarlab.data.loader import DeviceBatches
 from cifarlab.models import create_model
 from cifarlab.models.dropout import Dropout, dropout
 from cifarlab.models.resnet import CentreTapConv2d
-from cifarlab.train.loop import predict_logits
+from cifarlab.evaluation.inference import predict_logits
 from cifarlab.train.runtime import Runtime, process_age
 
 from .conftest import REPO, tiny_overrides

@@ -16,7 +16,8 @@ from cifarlab.data.augment import BatchAugment, cutout, translate
 from cifarlab.data.trivial_augment import OP_NAMES, OPS, apply_ops, rotate, translate_x, trivial_augment_wide
 from cifarlab.models import create_model
 from cifarlab.train.ema import Lookahead, ModelEMA
-from cifarlab.train.loop import soft_cross_entropy, tta_logits
+from cifarlab.evaluation.inference import tta_logits
+from cifarlab.train.loop import soft_cross_entropy
 from cifarlab.train.mix import build_mix, cutmix, mixup
 from cifarlab.train.optim import apply_decoupled_wd, build_optimizer, build_scheduler
 

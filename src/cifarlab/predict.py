@@ -28,7 +28,7 @@ from .data.loader import DeviceBatches
 from .errors import CifarlabError, DataError
 from .models import create_for_input
 from .train.checkpoint import load_into, load_weights
-from .train.loop import TTA_VIEWS, predict_logits
+from .evaluation.inference import TTA_VIEWS, predict_logits
 from .train.runtime import Runtime, resolve_device
 
 ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W), (H, W, 3|4) or (N, H, W, 3)

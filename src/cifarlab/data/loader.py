@@ -23,6 +23,20 @@ def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + step + rank * 1_000_000_007) % (2**63 - 1)
 
 
+class Normalize:
+    """uint8 (N, C, H, W) on ``device`` -> float ``(x / 255 - mean) / std``, the training batches' arithmetic.
+
+    ``(x/255 - m)/s == x*scale + shift``: one multiply-add per element."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device | str = "cpu"):
+        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * s), -m / s
+
+    def __call__(self, xb: torch.Tensor) -> torch.Tensor:
+        return xb.float() * self.scale + self.shift
+
+
 class DeviceBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, mean: list[float], std: list[float],
                  device: torch.device, shuffle: bool = False, drop_last: bool = False,
@@ -37,9 +51,8 @@ class DeviceBatches:
         self.seed = seed
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
-        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.scale, self.shift = 1.0 / (255.0 * s), -m / s  # (x/255 - m)/s == x*scale + shift
+        self.normalize = Normalize(mean, std, device)
+        self.scale, self.shift = self.normalize.scale, self.normalize.shift
 
     def __len__(self) -> int:
         n = self._per_rank()
@@ -60,9 +73,6 @@ class DeviceBatches:
             n = self._per_rank() * self.world_size
             perm = perm[:n][self.rank::self.world_size]
         return perm.to(self.device)
-
-    def normalize(self, xb: torch.Tensor) -> torch.Tensor:
-        return xb.float() * self.scale + self.shift
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield (step, images, labels) for one epoch, starting at ``start_step``."""

@@ -18,10 +18,11 @@ from ..data import CifarData, load_data
 from ..data.loader import DeviceBatches
 from ..errors import CifarlabError
 from ..metrics import Accuracy, summary_scores
+from ..models import build_model
 from ..io import atomic_write, atomic_write_text
 from ..train.checkpoint import load_into, load_weights
-from ..train.loop import TTA_VIEWS, build_model, evaluate
 from ..train.runtime import Runtime, setup_runtime
+from .inference import TTA_VIEWS, evaluate
 
 
 def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, torch.nn.Module, dict, Runtime]:

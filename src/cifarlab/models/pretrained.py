@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError
-from .registry import classifier_name, model_kwargs
+from .registry import classifier_name, create_for_input, model_kwargs
 from .timm_models import architecture, is_timm, pretrained_cfg, require_timm
 
 # A cifarlab.config.RunConfig: config imports this module to validate a run, so this one does not import config.
@@ -319,3 +319,8 @@ def _load_timm(model: nn.Module, cfg: RunConfig, num_classes: int) -> str:
 def _line(source: str, skipped: list[str], num_classes: int) -> str:
     head = f"; head {', '.join(skipped)} initialized for {num_classes} classes" if skipped else ""
     return f"start: {source}{head}"
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """The configured model, randomly initialized, for inputs of the run's input size (models.pretrained)."""
+    return create_for_input(cfg.model.name, num_classes, cfg.model.params, input_size(cfg), cfg.data.image_size)

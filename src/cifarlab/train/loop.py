@@ -31,7 +31,8 @@ from ..data.augment import BatchAugment
 from ..data.loader import DeviceBatches, step_seed
 from ..data.streaming import make_batches
 from ..errors import CheckpointError, CifarlabError, ConfigError
-from ..models import count_parameters
+from ..evaluation.inference import TTA_VIEWS, evaluate, predict_logits, tta_logits  # noqa: F401
+from ..models import build_model, count_parameters
 from . import distributed as dist
 from ..io import atomic_write_text
 from .checkpoint import load_into, save_checkpoint, save_weights, state_dict_cpu, unwrap
@@ -72,14 +73,6 @@ class TrainState:
     skipped_batches: int = 0
     history: list[dict] = field(default_factory=list)
     partial: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, seen so far this epoch
-
-
-def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """The configured model, randomly initialized, for inputs of the run's input size (models.pretrained)."""
-    from ..models import create_for_input
-    from ..models.pretrained import input_size
-
-    return create_for_input(cfg.model.name, num_classes, cfg.model.params, input_size(cfg), cfg.data.image_size)
 
 
 def whitening_sample(n: int, k: int, seed: int) -> torch.Tensor:
@@ -186,55 +179,6 @@ def train_one_epoch(model: nn.Module, batches: DeviceBatches, optimizer: torch.o
     totals = dist.all_reduce_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
     n = max(1.0, float(totals[2]))
     return float(totals[0]) / n, float(totals[1]) / n
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, x_uint8: torch.Tensor, batches_like: DeviceBatches, rt: Runtime,
-                   batch_size: int, tta: str = "none") -> torch.Tensor:
-    """Logits (N, C) in fp32 for uint8 images, in large batches under ``inference_mode``."""
-    model.eval()
-    out = []
-    for i in range(0, len(x_uint8), batch_size):
-        xb = batches_like.normalize(x_uint8[i:i + batch_size].to(rt.device, non_blocking=True))
-        if rt.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with rt.autocast():
-            out.append(tta_logits(model, xb, tta).float())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}  # forward passes per image of each train.tta
-
-
-def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """Test-time augmentation: average the logits over flips (and one-pixel translations).
-
-    ``flip``: the mean over the image and its mirror. ``flip_translate`` (airbench's weighting): half that
-    mean, half the mean over the four mirrored and unmirrored copies shifted by -1 and +1 pixel in both axes.
-    """
-    logits = model(x)
-    if tta == "none":
-        return logits
-    logits = (logits + model(x.flip(3))) / 2
-    if tta == "flip_translate":
-        pad = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        H, W = x.shape[-2:]
-        shifted_sum = 0
-        for dy, dx in ((0, 0), (2, 2)):  # shift by -1 and +1 pixel in both axes
-            shifted = pad[..., dy:dy + H, dx:dx + W]
-            shifted_sum = shifted_sum + model(shifted) + model(shifted.flip(3))
-        logits = logits / 2 + shifted_sum / 8
-    return logits
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches_like: DeviceBatches, rt: Runtime,
-             batch_size: int, tta: str = "none") -> tuple[float, float, torch.Tensor]:
-    """(loss, accuracy, logits) on a labelled set."""
-    logits = predict_logits(model, x, batches_like, rt, batch_size, tta)
-    y = y.to(logits.device)
-    loss = F.cross_entropy(logits, y).item() if len(y) else float("nan")
-    acc = (logits.argmax(1) == y).float().mean().item() if len(y) else float("nan")
-    return loss, acc, logits
 
 
 def check_finite(state: TrainState, epoch: int, nan_policy: str) -> None:
