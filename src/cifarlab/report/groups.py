@@ -131,7 +131,7 @@ def make_group_report(group_dir: str | Path) -> Path:
     """``GROUP_DIR/report/``: the seeds table, mean and 95% interval, mean curves with a band, the seeds'
     spread, confusion matrices summed over seeds, every seed's ROC, and the significance between seeds."""
     from ..evaluation.comparison import compare_numbers
-    from .compare import load_entry
+    from .runs import load_entry
 
     e = load_entry(group_dir)
     out = Path(group_dir) / "report"

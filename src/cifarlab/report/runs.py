@@ -1,4 +1,5 @@
-"""Read what a run directory holds: config, per-epoch metrics, summary and test logits."""
+"""Read what a run directory holds (config, per-epoch metrics, summary and test logits), and load runs and
+seeds groups as the entries of a comparison (:func:`load_entries`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+
 from ..config import RunConfig, load_config
 from ..errors import CifarlabError
+from ..evaluation.comparison import Entry
+from ..evaluation.groups import finished_members, is_group
 from ..io import read_json
 
 
@@ -78,6 +82,63 @@ def load_run(run_dir: str | Path, evaluate_if_missing: bool = True) -> RunFiles:
                     summary=read_json(run_dir / "summary.json"), logits=logits, labels=labels, classes=classes,
                     test_metrics=read_json(run_dir / "test_metrics.json"),
                     weights_meta=read_json(run_dir / "best.json"))
+
+
+class IncompatibleRuns(CifarlabError):
+    """Runs trained or tested on different data or class lists cannot be compared."""
+
+
+def check_compatible(runs: Sequence[RunFiles]) -> None:
+    """Refuse runs whose class lists, image sizes or test sets differ, naming the first that differs."""
+    ref = runs[0]
+    for r in runs[1:]:
+        if r.classes != ref.classes:
+            raise IncompatibleRuns(f"cannot compare {ref.run_dir} and {r.run_dir}: different classes "
+                                   f"({', '.join(ref.classes)} vs {', '.join(r.classes)})")
+        if r.config.data.image_size != ref.config.data.image_size:
+            raise IncompatibleRuns(f"cannot compare {ref.run_dir} and {r.run_dir}: different data "
+                                   f"(image size {ref.config.data.image_size} vs {r.config.data.image_size})")
+        if len(r.labels) != len(ref.labels) or not np.array_equal(r.labels, ref.labels):
+            raise IncompatibleRuns(f"cannot compare {ref.run_dir} and {r.run_dir}: different data (their test sets "
+                                   f"differ: {len(ref.labels)} vs {len(r.labels)} images or different labels)")
+    sources = {str(r.summary.get("data_source", r.config.data.path)) for r in runs}
+    if len(sources) > 1:  # same test labels, so most likely the same data at two paths
+        warn(f"the runs name different data locations ({', '.join(sorted(sources))}); their test sets match")
+
+
+def _unique_names(runs: Sequence[RunFiles]) -> list[str]:
+    names = [r.name for r in runs]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{r.run_dir.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
+
+
+def load_entry(path: str | Path) -> Entry:
+    """A run directory, or a seeds group directory (``cifarlab train --seeds N``) as one entry."""
+    path = Path(path)
+    if is_group(path):
+        found = finished_members(path)
+        return Entry(name=path.name, path=path, runs=[load_run(d) for _, d in found], seeds=[k for k, _ in found],
+                     group=True)
+    r = load_run(path)
+    return Entry(name=r.name, path=path, runs=[r], seeds=[r.config.train.seed])
+
+
+def load_entries(paths: Sequence[str | Path]) -> list[Entry]:
+    """Entries with unique names, refused when a run appears twice or the test sets differ."""
+    entries = [load_entry(d) for d in paths]
+    runs = [r for e in entries for r in e.runs]
+    if len({r.run_dir.resolve() for r in runs}) != len(runs):
+        raise CifarlabError("the same run directory is given twice")
+    check_compatible(runs)
+
+    class _N:  # _unique_names reads .name and .run_dir
+        def __init__(self, e):
+            self.name, self.run_dir = e.name, e.path
+
+    for e, n in zip(entries, _unique_names([_N(e) for e in entries])):
+        e.name = n
+    return entries
 
 
 def warn(msg: str) -> None:

@@ -85,7 +85,7 @@ def make_study_report(spec, state: dict[str, Any], storage: str | None = None) -
     from ..evaluation.comparison import compare_numbers
     from ..study.pipeline import study_dirs
     from ..sweep import open_study
-    from .compare import load_entries
+    from .runs import load_entries
     from .dataset import data_overview
 
     out = spec.study_dir / "report"
