@@ -153,7 +153,7 @@ def _alive(pid: int) -> bool:
 
 def test_random_kill_of_a_sweep_worker_keeps_the_trial_budget(tmp_path, say):
     from cifarlab.sweep import open_study
-    from cifarlab.sweep.engine import counted
+    from cifarlab.sweep.storage import counted
 
     data = make_subset(tmp_path / "data", 20, 5)
     f = tmp_path / "s.yaml"

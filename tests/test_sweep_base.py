@@ -13,7 +13,8 @@ import yaml
 from cifarlab.config import DataConfig
 from cifarlab.errors import ConfigError
 from cifarlab.sweep import best_config_yaml, open_study, run_sweep
-from cifarlab.sweep.engine import base_difference, data_key
+from cifarlab.sweep.objective import data_key
+from cifarlab.sweep.storage import base_difference
 
 from .conftest import tiny_overrides
 

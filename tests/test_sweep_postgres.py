@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cifarlab.sweep import open_study, run_sweep
-from cifarlab.sweep.engine import _with_driver, counted
+from cifarlab.sweep.storage import _with_driver, counted
 
 from .conftest import tiny_overrides
 

@@ -18,7 +18,7 @@ from cifarlab.cli.main import main
 from cifarlab.config import load_config
 from cifarlab.errors import ConfigError
 from cifarlab.sweep import SweepInterrupted, best_config_yaml, narrow, open_study, run_sweep
-from cifarlab.sweep.engine import counted, open_storage
+from cifarlab.sweep.storage import counted, open_storage
 
 from .conftest import tiny_overrides
 
@@ -39,7 +39,7 @@ def tiny(small_folder, **extra):
 def prune_sweep() -> dict:
     from cifarlab.config import RunConfig
     from cifarlab.sweep import parse_sweep
-    from cifarlab.sweep.engine import make_sampler
+    from cifarlab.sweep.storage import make_sampler
 
     for lrs in ([0.003, 1.0e-9], [1.0e-9, 0.003]):
         raw = {"name": "prune", "method": "grid", "metric": {"name": "val_loss", "goal": "minimize"},
@@ -368,7 +368,7 @@ def test_budget_gate_turns_away_a_trial_beyond_the_budget(tmp_path):
     """Two workers start trials at once with one place left: the later-numbered trial must not run."""
     from cifarlab.config import RunConfig
     from cifarlab.sweep import parse_sweep
-    from cifarlab.sweep.engine import Objective, Worker, _OverBudget
+    from cifarlab.sweep.objective import Objective, Worker, _OverBudget
 
     spec = parse_sweep({"method": "random", "parameters": {"optim.lr": {"values": [0.1]}}},
                        RunConfig().validate().to_dict())

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cifarlab.sweep import open_study
-from cifarlab.sweep.engine import counted
+from cifarlab.sweep.storage import counted
 
 from .conftest import tiny_overrides
 

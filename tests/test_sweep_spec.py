@@ -11,7 +11,7 @@ import yaml
 from cifarlab.config import RunConfig
 from cifarlab.errors import ConfigError
 from cifarlab.sweep import base_config, load_sweep_file, parse_sweep, run_sweep
-from cifarlab.sweep.engine import make_pruner, make_sampler
+from cifarlab.sweep.storage import make_pruner, make_sampler
 
 from .conftest import REPO
 

@@ -149,10 +149,10 @@ def dashboard_cmd(args: argparse.Namespace) -> int:
         url = json.loads((ref / "study.json").read_text())["storage"]
     else:
         raise CifarlabError(f"{ref} is not a sweep directory (no study.json); give sweeps/NAME or --storage URL")
-    from ..sweep.engine import _redact, open_storage
+    from ..sweep.storage import open_storage, redact
 
     store = open_storage(url)
-    print(f"optuna-dashboard on http://127.0.0.1:{args.port}/dashboard (storage {_redact(url)}); Ctrl-C stops it",
+    print(f"optuna-dashboard on http://127.0.0.1:{args.port}/dashboard (storage {redact(url)}); Ctrl-C stops it",
           flush=True)
     optuna_dashboard.run_server(store, host="127.0.0.1", port=args.port)  # loopback only: no auth in the dashboard
     return 0

@@ -94,7 +94,8 @@ def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str,
     import optuna
     from optuna.trial import TrialState
 
-    from ..sweep.engine import GRACE_FACTOR, _fail_stale, _silence_handled, open_storage, requeue
+    from ..sweep.storage import GRACE_FACTOR, open_storage, requeue
+    from ..sweep.workers import fail_stale, silence_handled
     from ..train.group import prepare_group
     from ..train.loop import Interrupted
 
@@ -135,7 +136,7 @@ def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str,
 
     said_waiting = False
     while True:
-        _fail_stale(study, GRACE_FACTOR * heartbeat)
+        fail_stale(study, GRACE_FACTOR * heartbeat)
         trials = [t for t in study.get_trials(deepcopy=False) if _seed_of(t) is not None]
         done = {_seed_of(t) for t in trials if t.state == TrialState.COMPLETE}
         if len(done) >= seeds:
@@ -148,7 +149,7 @@ def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str,
         if any(t.state == TrialState.WAITING for t in trials):
             state["current"] = None
             try:
-                with _silence_handled(stopped):
+                with silence_handled(stopped):
                     study.optimize(objective, n_trials=1, catch=(CifarlabError,), gc_after_trial=False)
             except (KeyboardInterrupt, _Stopped) as e:
                 t = next((t for t in study.get_trials(deepcopy=False) if t.number == state["current"]), None)

@@ -80,7 +80,7 @@ class Progress:
 
 def _counted(sweep_dir: Path, name: str, storage: str | None) -> int:
     """Trials of a sweep already counted against its budget (0 when it has not started)."""
-    from ..sweep.engine import counted, open_storage
+    from ..sweep.storage import counted, open_storage
 
     url = storage or (json.loads((sweep_dir / "study.json").read_text())["storage"]
                       if (sweep_dir / "study.json").is_file() else None)
@@ -217,7 +217,7 @@ def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, p
         cfg = RunConfig.from_dict(yaml.safe_load(best_file.read_text())).validate()
         say("final", f"{plan.seeds} seed(s) of {cfg.train.epochs} epochs -> {group_dir}")
         if storage:  # several machines: the seeds are claimed through the storage like trials
-            from ..sweep.engine import DEFAULT_HEARTBEAT
+            from ..sweep.storage import DEFAULT_HEARTBEAT
             from .final import claimed_group
 
             claimed_group(cfg, group_dir, plan.seeds, storage, f"{spec.name}-{plan.name}-final",

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import CifarlabError, ConfigError
-from .engine import counted, open_storage
+from .storage import counted, open_storage
 from .spec import SweepSpec, parse_sweep
 
 
