@@ -83,14 +83,13 @@ def make_study_report(spec, state: dict[str, Any], storage: str | None = None) -
     matplotlib.use("Agg")
     from ..config import load_config
     from ..evaluation.comparison import compare_numbers
-    from ..study.pipeline import study_dirs
     from ..sweep import open_study
     from .runs import load_entries
     from .dataset import data_overview
 
     out = spec.study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    dirs = study_dirs(spec)
+    dirs = spec.dirs()
     entries = load_entries([dirs[p.name]["final"] for p in spec.models])
     for e, p in zip(entries, spec.models):
         e.name = p.name

@@ -240,10 +240,3 @@ def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, p
         say("evaluate", f"test accuracy per seed: {', '.join(f'{a:.4f}' for a in accs)}")
     else:
         say("evaluate", "done before, reused")
-
-
-def study_dirs(spec: StudySpec) -> dict[str, dict[str, Path]]:
-    """Where each model's sweeps and final group live (what the report reads)."""
-    sweeps = spec.study_dir / "sweeps"
-    return {p.name: {"stage1": sweeps / f"{spec.name}-{p.name}-stage1", "stage2": sweeps / f"{spec.name}-{p.name}-stage2",
-                     "final": spec.study_dir / "final" / p.name} for p in spec.models}

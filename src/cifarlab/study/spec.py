@@ -68,6 +68,13 @@ class StudySpec:
     def study_dir(self) -> Path:
         return self.out / self.name
 
+    def dirs(self) -> dict[str, dict[str, Path]]:
+        """Where each model's sweeps and final group live (what the report reads)."""
+        sweeps = self.study_dir / "sweeps"
+        return {p.name: {"stage1": sweeps / f"{self.name}-{p.name}-stage1",
+                         "stage2": sweeps / f"{self.name}-{p.name}-stage2",
+                         "final": self.study_dir / "final" / p.name} for p in self.models}
+
     def fingerprint(self) -> str:
         """A hash of the study as parsed (comments and key order do not count)."""
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
