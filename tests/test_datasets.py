@@ -18,7 +18,7 @@ from cifarlab.cli.main import main
 from cifarlab.config import DataConfig, load_config
 from cifarlab.data import load_data
 from cifarlab.data import named as named_sets
-from cifarlab.data.archive import md5sum
+from cifarlab.data.archive import load_official, md5sum
 from cifarlab.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,6 +168,158 @@ def test_named_set_without_network_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DataError, match="cannot download .*train_32x32.mat"):
         load_data(DataConfig(path="svhn"))
+
+
+# --------------------------------------------------------------------------- official archives by path
+# Each named set's official files, given by path under names that say nothing: recognized from their contents.
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+def _by_path(tmp_path: Path, kind: str) -> tuple[list[Path], dict, int, int]:
+    """(paths holding the set: an archive under another name and/or its extracted folder, what was written,
+    training images, classes)."""
+    from cifarlab.data.archive import write_fake_archive
+
+    w = tmp_path / "written"
+    if kind == "cifar10":
+        archive = write_fake_archive(tmp_path / "some-batches.tgz")
+        raw = load_official(archive)  # what the archive holds, to compare with
+        written = {"test": (raw.test_x, raw.test_y)}
+        paths, n_train, n_classes = [archive, _extract(archive, tmp_path / "x")], 100, 10
+    elif kind == "cifar100":
+        written = {k: (v[0], v[1]) for k, v in formats.write_cifar100(w).items()}
+        archive = (w / "cifar-100-python.tar.gz").rename(tmp_path / "downloaded.bin")
+        extracted = _extract(archive, tmp_path / "x") / "cifar-100-python"
+        paths, n_train, n_classes = [archive, extracted.rename(tmp_path / "x" / "hundred")], 500, 100
+    elif kind == "mnist":
+        written = formats.write_mnist(tmp_path / "digits-idx")
+        written["test"] = (np.repeat(written["t10k"][0][..., None], 3, -1), written["t10k"][1])
+        paths, n_train, n_classes = [tmp_path / "digits-idx"], 120, 10
+    elif kind == "svhn":
+        written = formats.write_svhn(tmp_path / "house-numbers")
+        paths, n_train, n_classes = [tmp_path / "house-numbers"], 100, 10
+    else:  # stl10
+        written = formats.write_stl10(w)
+        archive = (w / "stl10_binary.tar.gz").rename(tmp_path / "pictures.tar.gz")
+        paths, n_train, n_classes = [archive, _extract(archive, tmp_path / "x")], 30, 10
+    return paths, written, n_train, n_classes
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100", "mnist", "svhn", "stl10"])
+def test_official_archive_by_path_is_recognized_from_its_contents(tmp_path, kind):
+    paths, written, n_train, n_classes = _by_path(tmp_path, kind)
+    for path in paths:
+        data = load_data(DataConfig(path=str(path), val_size=n_classes))
+        assert data.num_classes == n_classes, path
+        assert len(data.train_x) + len(data.val_x) == n_train, path  # the set's own train split ...
+        x, y = written["test"]
+        assert np.array_equal(_nhwc(data.test_x), x) and data.test_y.tolist() == list(y), path  # ... and test split
+        assert data.source == str(path)
+
+
+def test_cifar100_by_path_fine_unless_coarse_is_asked(tmp_path, capsys):
+    written = formats.write_cifar100(tmp_path / "w")
+    archive = (tmp_path / "w" / "cifar-100-python.tar.gz").rename(tmp_path / "c100")
+    fine = load_data(DataConfig(path=str(archive)))
+    assert fine.num_classes == 100 and fine.classes[7] == "fine07"
+    assert fine.test_y.tolist() == written["test"][1].tolist()
+    for labels in ("coarse", "cifar100-coarse", "CIFAR100-Coarse"):
+        coarse = load_data(DataConfig(path=str(archive), labels=labels))
+        assert coarse.num_classes == 20 and coarse.classes[3] == "coarse03"
+        assert coarse.test_y.tolist() == written["test"][2].tolist()
+    assert load_data(DataConfig(path=str(archive))).num_classes == 100  # each label set cached apart
+    assert _run(["data", "--data", str(archive), "--labels", "coarse", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "20 classes" in out and "CIFAR-100" in out and "coarse labels" in out
+    with pytest.raises(DataError, match="data.labels='superclass' does not apply to the CIFAR-100 .* coarse"):
+        load_data(DataConfig(path=str(archive), labels="superclass"))
+
+
+def test_idx_by_path_classes_are_numbers_unless_a_set_is_named(tmp_path):
+    import torchvision.datasets as tvd
+
+    formats.write_mnist(tmp_path / "idx")
+    assert load_data(DataConfig(path=str(tmp_path / "idx"))).classes == [str(i) for i in range(10)]
+    fashion = load_data(DataConfig(path=str(tmp_path / "idx"), labels="fashion-mnist"))
+    assert fashion.classes == list(tvd.FashionMNIST.classes)
+    # uncompressed IDX files (torchvision's MNIST/raw keeps both) read the same
+    import gzip
+
+    for f in (tmp_path / "idx").glob("*.gz"):
+        f.with_suffix("").write_bytes(gzip.decompress(f.read_bytes()))
+        f.unlink()
+    assert load_data(DataConfig(path=str(tmp_path / "idx"))).num_classes == 10
+    with pytest.raises(DataError, match="does not apply to MNIST-format IDX files; it takes data.labels=mnist or "
+                                        "fashion-mnist"):
+        load_data(DataConfig(path=str(tmp_path / "idx"), labels="coarse"))
+
+
+def test_trains_and_evaluates_on_a_cifar100_archive_by_path_with_coarse_labels(tmp_path):
+    formats.write_cifar100(tmp_path / "w", n_train=200, n_test=60)
+    archive = (tmp_path / "w" / "cifar-100-python.tar.gz").rename(tmp_path / "mine.tar.gz")
+    out = tmp_path / "runs"
+    assert _run(["train", "-c", str(REPO / "configs" / "cnn.yaml"), "--data", str(archive), "--labels", "coarse",
+                 "--epochs", "1", "--out", str(out), "--name", "c", "--set", "train.device=cpu",
+                 "--set", "model.widths=[4,8,8]", "--set", "model.hidden=16", "--set", "data.val_size=40"]) == 0
+    cfg = load_config(out / "c" / "config.yaml")
+    assert cfg.data.labels == "coarse" and cfg.data.path == str(archive)
+    assert _run(["evaluate", str(out / "c")]) == 0  # reloads the same 20-class data from the saved config
+
+
+def test_official_name_of_a_different_file_is_a_checksum_mismatch(tmp_path, capsys):
+    # the issue's case: a CIFAR-100 archive under its official name is read as one (here: not the official bytes)
+    formats.write_cifar100(tmp_path)
+    msg = _one_line_error(capsys, _train(tmp_path, tmp_path / "cifar-100-python.tar.gz"))
+    assert "checksum mismatch" in msg and "data_batch" not in msg
+
+
+def test_unknown_contents_named_with_what_is_accepted(tmp_path, capsys):
+    import zipfile
+
+    formats._tar_gz(tmp_path / "photos.tar.gz", {"holiday/beach.jpg": b"x", "holiday/sea.jpg": b"y",
+                                                 "notes.txt": b"z", "more.txt": b"w"})
+    msg = _one_line_error(capsys, _train(tmp_path, tmp_path / "photos.tar.gz"))
+    assert "a tar archive of 4 files (holiday/beach.jpg, holiday/sea.jpg, notes.txt, ...), none of them" in msg
+    assert "CIFAR-100 (train, test, meta)" in msg and "SVHN" in msg and "STL-10" in msg
+    with zipfile.ZipFile(tmp_path / "c.zip", "w") as z:
+        z.writestr("data_batch_1", b"x")
+    assert "a zip file" in _one_line_error(capsys, _train(tmp_path, tmp_path / "c.zip"))
+    formats.write_mnist(tmp_path / "m")
+    one = tmp_path / "m" / "train-images-idx3-ubyte.gz"
+    assert "gzip file holding no tar archive" in _one_line_error(capsys, _train(tmp_path, one))
+    (tmp_path / "labels.csv").write_text("id,label\n1,cat\n")
+    assert "a text file (a labels file?" in _one_line_error(capsys, _train(tmp_path, tmp_path / "labels.csv"))
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert "an empty file" in _one_line_error(capsys, _train(tmp_path, tmp_path / "empty.bin"))
+
+
+def test_part_of_a_format_or_several_sets_refused(tmp_path, capsys):
+    formats.write_mnist(tmp_path / "m")
+    for f in (tmp_path / "m").glob("t10k-*"):
+        f.unlink()
+    msg = _one_line_error(capsys, _train(tmp_path, tmp_path / "m"))
+    assert "lacks t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte" in msg and "MNIST-format IDX" in msg
+    formats._tar_gz(tmp_path / "part.tgz", {"cifar-10-batches-py/data_batch_1": b"x"})
+    msg = _one_line_error(capsys, _train(tmp_path, tmp_path / "part.tgz"))
+    assert "holds data_batch_1 of the CIFAR-10 python archive but lacks data_batch_2" in msg
+
+    both = tmp_path / "both"
+    formats.write_svhn(both / "svhn")
+    formats.write_mnist(both / "idx")
+    msg = _one_line_error(capsys, _train(tmp_path, both))
+    assert "holds several data sets" in msg and "SVHN" in msg and "IDX" in msg
+    assert load_data(DataConfig(path=str(both / "svhn"))).num_classes == 10  # one of them, given, reads
 
 
 # --------------------------------------------------------------------------- end to end

@@ -27,7 +27,9 @@ from .errors import ConfigError
 class DataConfig:
     # a data set name (cifar10, cifar100, mnist, ...), an image folder, an archive or None: $CIFARLAB_DATA, else cifar10
     path: str | None = None
-    labels: str | None = None  # CSV of image paths and labels (and optionally splits) under data.path
+    # CSV of image paths and labels (and optionally splits) under data.path; for an official archive by path, its
+    # label set: coarse (CIFAR-100's superclasses; fine by default), mnist or fashion-mnist (IDX class names)
+    labels: str | None = None
     image_size: int | None = None  # pixels; None: the images' own size; images of another size are resized to it
     train_size: int | None = None  # at most this many training images (a stratified subset); None: all the rest
     val_size: int | None = None  # images held out of the training set for validation (a count; overrides the fraction)

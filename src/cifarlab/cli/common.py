@@ -28,10 +28,12 @@ def add_config_args(p: argparse.ArgumentParser, training: bool = True) -> None:
                    help="override a config value, e.g. --set optim.lr=0.001 (repeatable)")
     p.add_argument("--data", metavar="PATH_OR_NAME", help="a data set name (cifar10, cifar100, cifar100-coarse, mnist, "
                    "fashion-mnist, svhn, stl10: downloaded into $CIFARLAB_CACHE), an image folder (ROOT/<class>/* or "
-                   "ROOT/train|val|test/<class>/*), cifar-10-python.tar.gz or cifar-10-batches-py/ "
+                   "ROOT/train|val|test/<class>/*), or a named set's official archive or extracted folder under any "
+                   "name (cifar-10-python.tar.gz, cifar-100-python/, a folder of MNIST's IDX files ...) "
                    "(default: $CIFARLAB_DATA, else cifar10)")
     p.add_argument("--labels", metavar="CSV", help="a labels file (path,label[,split] columns) for the images "
-                   "under --data ROOT; short for --set data.labels=CSV")
+                   "under --data ROOT; with an official archive the label set: coarse (CIFAR-100's 20 "
+                   "superclasses), mnist or fashion-mnist (IDX files' class names); short for --set data.labels=...")
     if not training:
         return
     p.add_argument("--model", metavar="NAME", help="short for --set model.name=NAME, applied before --set: the "

@@ -31,8 +31,9 @@ def find_source(cfg: "DataConfig") -> Source:
     p = Path(str(spec)).expanduser()
     if not p.exists():
         raise DataError(f"data path not found: {p} (pass --data PATH: an image folder, a labels file's folder with "
-                        f"--labels, cifar-10-python.tar.gz, or a data set name: {', '.join(NAMED)})")
+                        f"--labels, a named set's official archive or its extracted folder, or a data set name: "
+                        f"{', '.join(NAMED)})")
     if p.is_dir() and not any(p.iterdir()):
         raise DataError(f"data folder is empty: {p}")
-    raise DataError(f"{p} is neither an image folder (ROOT/<class>/*, ROOT/train/<class>/*, ...) nor a "
-                    f"CIFAR-10 archive; see the layout table in README.md")
+    raise DataError(f"{p} is neither an image folder (ROOT/<class>/*, ROOT/train/<class>/*, ...) nor a named "
+                    f"set's official archive or extracted folder; see the layout table in README.md")
