@@ -221,7 +221,7 @@ def test_official_archive_by_path_is_recognized_from_its_contents(tmp_path, kind
     paths, written, n_train, n_classes = _by_path(tmp_path, kind)
     for path in paths:
         data = load_data(DataConfig(path=str(path), val_size=n_classes))
-        assert data.num_classes == n_classes, path
+        assert data.num_classes == n_classes and data.channels == 3, path  # gray MNIST too: every source gives RGB
         assert len(data.train_x) + len(data.val_x) == n_train, path  # the set's own train split ...
         x, y = written["test"]
         assert np.array_equal(_nhwc(data.test_x), x) and data.test_y.tolist() == list(y), path  # ... and test split
@@ -251,6 +251,8 @@ def test_idx_by_path_classes_are_numbers_unless_a_set_is_named(tmp_path):
 
     formats.write_mnist(tmp_path / "idx")
     assert load_data(DataConfig(path=str(tmp_path / "idx"))).classes == [str(i) for i in range(10)]
+    streamed = load_data(DataConfig(path=str(tmp_path / "idx"), device_memory=0.01))  # over budget: streamed
+    assert streamed.info["streaming"] and (streamed.channels, streamed.num_classes, streamed.image_size) == (3, 10, 28)
     fashion = load_data(DataConfig(path=str(tmp_path / "idx"), labels="fashion-mnist"))
     assert fashion.classes == list(tvd.FashionMNIST.classes)
     # uncompressed IDX files (torchvision's MNIST/raw keeps both) read the same
@@ -431,7 +433,7 @@ def test_unknown_name_refused(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- imbalance, many classes
 def test_summary_scores_by_hand():
-    from cifarlab.metrics import summary_scores
+    from cifarlab.evaluation.metrics import summary_scores
 
     g = torch.Generator().manual_seed(0)
     y = torch.cat([torch.zeros(90, dtype=torch.long), torch.randint(1, 12, (30,), generator=g)])  # imbalanced

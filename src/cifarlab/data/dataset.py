@@ -18,7 +18,10 @@ from .sources import find_source
 
 @dataclass
 class CifarData:
-    """Splits as uint8 tensors (N, 3, H, W) and int64 labels, plus class names and normalization."""
+    """Splits as uint8 tensors (N, C, H, W) and int64 labels, plus class names and normalization.
+
+    Models and the trainer take the input's shape from here (``channels``, ``image_size``, ``num_classes``)
+    rather than assuming CIFAR-10's 3 x 32 x 32 and 10 classes."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -36,6 +39,11 @@ class CifarData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        """Channels per image, from the data: 3 today, as every source converts to RGB (gray MNIST too)."""
+        return int(self.train_x.shape[1])
 
     @property
     def image_size(self) -> int:
@@ -63,7 +71,7 @@ def _resize(raw: RawData, size: int) -> RawData:
     def r(x: np.ndarray | None) -> np.ndarray | None:
         if x is None:
             return None
-        out = np.empty((len(x), size, size, 3), np.uint8)
+        out = np.empty((len(x), size, size, x.shape[3]), np.uint8)
         for i in range(0, len(x), 4096):  # in chunks: the source may be a memory map larger than memory
             t = torch.from_numpy(np.array(x[i:i + 4096])).permute(0, 3, 1, 2).float()  # a writable copy
             t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -168,7 +176,7 @@ def channel_stats(x) -> tuple[list[float], list[float]]:
 
 
 def _take(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split's images as one (N, 3, H, W) uint8 tensor, gathered in chunks (the source may be a memory map)."""
+    """The split's images as one (N, C, H, W) uint8 tensor, gathered in chunks (the source may be a memory map)."""
     x, idx, y = part
     out = torch.empty((len(idx), x.shape[3], x.shape[1], x.shape[2]), dtype=torch.uint8)
     for i in range(0, len(idx), 4096):
