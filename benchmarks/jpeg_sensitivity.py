@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from cifarlab.config import load_config
-from cifarlab.data import CifarData, load_data
+from cifarlab.data import ImageData, load_data
 from cifarlab.errors import CifarlabError
 
 
@@ -49,7 +49,7 @@ def reencode(x: torch.Tensor, quality: int, subsampling: int = 2) -> torch.Tenso
     return torch.from_numpy(out)
 
 
-def reencoded(data: CifarData, quality: int, subsampling: int = 2) -> CifarData:
+def reencoded(data: ImageData, quality: int, subsampling: int = 2) -> ImageData:
     """``data`` with every split passed through JPEG once more (labels, classes, normalization unchanged)."""
     return dataclasses.replace(data, train_x=reencode(data.train_x, quality, subsampling),
                                val_x=reencode(data.val_x, quality, subsampling),

@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 from cifarlab.config import RunConfig, load_config
-from cifarlab.data import CifarData, load_data
+from cifarlab.data import ImageData, load_data
 from cifarlab.data.loader import DeviceBatches
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation.inference import evaluate
@@ -104,7 +104,7 @@ def eval_weights(run_dir: Path, cfg: RunConfig, num_classes: int) -> torch.nn.Mo
     return model
 
 
-def run_once(cfg: RunConfig, data: CifarData, out_dir: Path, name: str, target: float,
+def run_once(cfg: RunConfig, data: ImageData, out_dir: Path, name: str, target: float,
              budget_minutes: float | None, eval_every: int, log: Callable[[str], None] = print) -> dict:
     """Train once; returns the accuracy curve, the marks' minutes and the clocks."""
     cfg = copy.deepcopy(cfg)

@@ -60,7 +60,7 @@ import torch  # noqa: E402
 
 from airbench_adapter import require_airbench, train_airbench94, write_loader_files  # noqa: E402
 from cifarlab.config import RunConfig, load_config  # noqa: E402
-from cifarlab.data import CifarData, load_data  # noqa: E402
+from cifarlab.data import ImageData, load_data  # noqa: E402
 from cifarlab.data.dataset import apply_data_defaults  # noqa: E402
 from cifarlab.data.loader import DeviceBatches  # noqa: E402
 from cifarlab.errors import CifarlabError  # noqa: E402
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ============================================================================ data
-def shuffled_data(cfg: RunConfig, device: torch.device, data_seed: int) -> CifarData:
+def shuffled_data(cfg: RunConfig, device: torch.device, data_seed: int) -> ImageData:
     """All training images (no validation split) and the test images, the training images in one seeded order."""
     data = load_data(cfg.data, device)
     perm = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(data_seed))
@@ -147,7 +147,7 @@ def speedrun_config(args: argparse.Namespace, path: str | None, device: torch.de
 
 
 # ============================================================================ cifarlab's side
-def run_cifarlab(cfg: RunConfig, data: CifarData, out_dir: Path, name: str, log, score_from: int = 1) -> dict:
+def run_cifarlab(cfg: RunConfig, data: ImageData, out_dir: Path, name: str, log, score_from: int = 1) -> dict:
     """One fit; after each epoch from ``score_from`` on (and the last) its evaluation weights score the test set
     with ``train.tta``, off the clock; the passes before have accuracy NaN."""
     rt = setup_runtime(cfg.train, cfg.model.name)
@@ -187,7 +187,7 @@ def run_airbench(data_dir: Path, device: torch.device, seed: int, args: argparse
             "steps": r.steps, "setup_s": r.setup_s, "weights_moved": r.weights_moved}
 
 
-def warm_up(cfg: RunConfig, data: CifarData, data_dir: Path, device: torch.device, bf16: bool, out_dir: Path,
+def warm_up(cfg: RunConfig, data: ImageData, data_dir: Path, device: torch.device, bf16: bool, out_dir: Path,
             batch_size: int, widths: list[int] | None) -> None:
     """A couple of untimed steps of each side (allocator, kernel selection, cuDNN autotuning) on a subset."""
     n = min(len(data.train_x), 2 * batch_size)

@@ -6,5 +6,5 @@ uint8 tensors on the training device; batches are sliced by ``randperm``,
 normalized and augmented as whole tensors (see :mod:`cifarlab.data.augment`).
 """
 
-from .dataset import CifarData, load_data, resolve_source  # noqa: F401
+from .dataset import ImageData, load_data, resolve_source  # noqa: F401
 from .registry import RawData  # noqa: F401

@@ -17,7 +17,7 @@ from .sources import find_source
 
 
 @dataclass
-class CifarData:
+class ImageData:
     """Splits as uint8 tensors (N, C, H, W) and int64 labels, plus class names and normalization.
 
     Models and the trainer take the input's shape from here (``channels``, ``image_size``, ``num_classes``)
@@ -185,7 +185,7 @@ def _take(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[torch.Tensor
     return out, torch.from_numpy(np.array(y, np.int64))
 
 
-def load_data(cfg: DataConfig, device: torch.device | str | None = None) -> CifarData:
+def load_data(cfg: DataConfig, device: torch.device | str | None = None) -> ImageData:
     """Load (from cache when possible), split and normalize a data set as described by ``cfg``.
 
     Splits whose images together exceed the memory budget of ``device`` (``data.device_memory``, else half of
@@ -206,12 +206,12 @@ def load_data(cfg: DataConfig, device: torch.device | str | None = None) -> Cifa
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = (_take(p) for p in parts)
     # Statistics of the training split only, so validation and test never leak into preprocessing.
     mean, std = channel_stats(train_x)
-    return CifarData(train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
+    return ImageData(train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
                      classes=list(raw.classes), mean=mean, std=std, source=raw.source, skipped=raw.skipped,
                      info={**raw.info, "carved": plan.carved, "streaming": stream, "bytes": nbytes})
 
 
-def apply_data_defaults(cfg: RunConfig, data: CifarData) -> RunConfig:
+def apply_data_defaults(cfg: RunConfig, data: ImageData) -> RunConfig:
     """Fill what the config left to the data (``data.image_size``) and validate again with it.
 
     A model built for one size (a builder taking ``image_size``) refuses a data set of mixed sizes unless
