@@ -28,8 +28,9 @@ def _quantized_weights(path) -> dict[str, tuple[int, ...]]:
     inits = {i.name: i for i in model.graph.initializer}
     out = {}
     for n in model.graph.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8:
-            out[n.input[0]] = (tuple(inits[n.input[0]].dims), tuple(inits[n.input[1]].dims))
+        w = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if w is not None and w.data_type == onnx.TensorProto.INT8:
+            out[n.input[0]] = (tuple(w.dims), tuple(inits[n.input[1]].dims))
     return out
 
 

@@ -167,7 +167,7 @@ def onnx_logits(path: str | Path, images: torch.Tensor, batch_size: int = 256) -
 
 def check_onnx(path: str | Path, predictor: Predictor, images: torch.Tensor, batch_size: int = 256) -> dict:
     """Labels and probabilities of ONNX (onnxruntime) against PyTorch on the same uint8 images (N, 3, S, S)."""
-    from .train.loop import predict_logits
+    from .evaluation.inference import predict_logits
 
     ref = predict_logits(predictor.model, images, predictor.norm, predictor.runtime, batch_size).cpu()
     got = torch.from_numpy(onnx_logits(path, images, batch_size))
@@ -251,7 +251,7 @@ def onnx_accuracy(path: str | Path, images: torch.Tensor, labels: torch.Tensor, 
 
 
 def run_data(run_dir: str | Path, data_path: str | None = None):
-    """The data set the run was trained on (:class:`~cifarlab.data.CifarData`), with its splits."""
+    """The data set the run was trained on (:class:`~cifarlab.data.ImageData`), with its splits."""
     from .config import load_config
     from .data import load_data
 

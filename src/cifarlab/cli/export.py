@@ -12,8 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Write RUN_DIR's best weights as ONNX or TorchScript (input: float32 RGB "
                                    "N x 3 x S x S in [0, 1], normalization inside; output: logits) or as a "
                                    "safetensors state dict, each with a JSON file of classes and preprocessing. "
-                                   "An ONNX file is checked with onnxruntime against PyTorch on the run's test set; --int8 "
-                                   "adds a quantized copy and its test accuracy beside the fp32 file's.")
+                                   "An ONNX file is checked with onnxruntime against PyTorch on the run's test "
+                                   "set; --int8 adds a quantized copy and its test accuracy beside the fp32 file's.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
     add_out_arg(p, "folder that receives model.<ext> and its JSON sidecar (default: RUN_DIR/export)")

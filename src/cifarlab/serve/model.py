@@ -38,7 +38,7 @@ class Backend:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        from ..train.loop import TTA_VIEWS
+        from ..evaluation.inference import TTA_VIEWS
 
         m = self.meta
         return {"model": m.get("model"), "hparams": m.get("hparams") or {}, "format": self.kind,
@@ -100,7 +100,7 @@ class OnnxBackend(Backend):
     def logits(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        from ..train.loop import tta_logits
+        from ..evaluation.inference import tta_logits
 
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, S, S) in [0, 1]
         if self.tta == "none":
