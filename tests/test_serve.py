@@ -135,6 +135,8 @@ BAD = {
                          422, "not_an_image"),
     "truncated_image": (dict(content=truncated_jpeg(), headers={"Content-Type": "image/jpeg"}), 422,
                         "truncated_image"),
+    "png_cut_in_its_header": (dict(content=noise_png(8)[:20], headers={"Content-Type": "image/png"}), 422,
+                              "bad_image"),
     "decompression_bomb": (dict(content=bomb(), headers={"Content-Type": "image/png"}), 422, "too_many_pixels"),
     "upload_over_the_limit": (dict(content=noise_png(700), headers={"Content-Type": "image/png"}), 413,
                               "upload_too_large"),

@@ -19,6 +19,10 @@ from PIL import Image, UnidentifiedImageError
 from ..data.folder import to_rgb_array
 
 
+SIGNATURES = [(b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+              (b"RIFF", "WebP"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF")]
+
+
 class InputError(Exception):
     """A request the client must change: ``status`` (4xx), ``code`` (stable, for programs) and a message."""
 
@@ -42,6 +46,10 @@ def decode(data: bytes, size: int, max_pixels: int, name: str = "image") -> np.n
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(422, "too_many_pixels", f"{name}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        fmt = next((f for magic, f in SIGNATURES if data.startswith(magic)), None)
+        if fmt is not None:  # its first bytes say what it is, yet its header cannot be read
+            raise InputError(422, "bad_image", f"{name} starts like a {fmt} file but its header cannot be read: "
+                             f"damaged or cut short") from None
         raise InputError(422, "not_an_image", f"{name} is not an image any decoder here reads (JPEG, PNG, WebP, "
                          f"GIF, BMP, TIFF, ...)") from None
     with im:
