@@ -3,13 +3,14 @@
 Several machines running the same study share its sweeps through the storage (:mod:`cifarlab.sweep`);
 this module shares its final training the same way. Each seed of a model's final group is one trial
 of an Optuna study ``NAME-MODEL-final`` in that storage, queued once with the parameter ``seed = K``.
-A machine claims a queued seed as a sweep worker claims a trial (Optuna's atomic WAITING -> RUNNING
-step), beats a heartbeat while it trains it into its own ``final/MODEL/seed-K/``, scores it on the
-test set and, with the trial, records the run's files (everything but the weights and checkpoints:
-``config.yaml``, ``metrics.csv``, ``summary.json``, ``test_metrics.json``, ``test_logits.npz``) in the
-storage. A machine with no seed left to claim waits for the others; then every machine writes the
-seeds it did not train from the storage into its own group (with ``remote.json``: which host trained
-it and where its weights are), so each one's study report covers all seeds.
+A machine claims a queued seed on the claim loop a sweep worker claims trials on
+(:mod:`cifarlab.sweep.claims`), beats a heartbeat while it trains it into its own
+``final/MODEL/seed-K/``, scores it on the test set and, with the trial, records the run's files
+(everything but the weights and checkpoints: ``config.yaml``, ``metrics.csv``, ``summary.json``,
+``test_metrics.json``, ``test_logits.npz``) in the storage. A machine with no seed left to claim
+waits for the others; then every machine writes the seeds it did not train from the storage into its
+own group (with ``remote.json``: which host trained it and where its weights are), so each one's
+study report covers all seeds.
 
 A killed machine's seed goes back to the queue once its heartbeat is stale (and on Ctrl-C / SIGTERM at
 once); a live machine takes it over (from the start: its checkpoint is on the dead machine; the same
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import socket
 import time
@@ -32,6 +32,7 @@ from ..config import RunConfig
 from ..errors import CifarlabError
 from ..evaluation.groups import seed_dir
 from ..io import atomic_write, atomic_write_text
+from ..sweep.claims import ClaimingObjective, StopClaiming, claim_loop
 
 SEED = "seed"
 FILE_PREFIX = "file:"
@@ -46,31 +47,28 @@ class _Duplicate(CifarlabError):
     """Another trial holds the same seed."""
 
 
-class _Stopped(Exception):
-    """``fit`` was stopped by Ctrl-C / SIGTERM: not a CifarlabError, which Optuna would catch and the loop would
-    read as the seed's own failure (a seed the study then refused for good)."""
-
-
 def _study(storage, name: str, seeds: int):
     import optuna
 
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-        return _queue_missing(study, seeds)
+        _queue_missing(study, seeds)
+        return study
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage)
     if len(_live_seeds(study)) < seeds:
         time.sleep(1.0)  # the creator may still be queueing; then queue what is missing (a duplicate is harmless)
-    return _queue_missing(study, seeds)
-
-
-def _queue_missing(study, seeds: int):
-    """Queue every seed that has no trial queued, running or finished (a claim lost to an error, or never queued)."""
-    have = _live_seeds(study)
-    for k in range(seeds):
-        if k not in have:
-            study.enqueue_trial({SEED: k})
+    _queue_missing(study, seeds)
     return study
+
+
+def _queue_missing(study, seeds: int) -> int:
+    """Queue every seed that has no trial queued, running or finished (a claim lost to an error, or never
+    queued); returns how many were queued."""
+    missing = sorted(set(range(seeds)) - _live_seeds(study))
+    for k in missing:
+        study.enqueue_trial({SEED: k})
+    return len(missing)
 
 
 def _seed_of(t) -> int | None:
@@ -94,35 +92,79 @@ def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str,
     import optuna
     from optuna.trial import TrialState
 
-    from ..sweep.storage import GRACE_FACTOR, open_storage, requeue
-    from ..sweep.workers import fail_stale, silence_handled
+    from ..sweep.storage import GRACE_FACTOR, open_storage
     from ..train.group import prepare_group
     from ..train.loop import Interrupted
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prepare_group(cfg, group_dir, seeds, overwrite=False)
     study = _study(open_storage(storage_url, heartbeat), name, seeds)
-    host = f"{socket.gethostname()}:{os.getpid()}"
-    state = {"data": None, "current": None}
-    stopped: set[int] = set()  # trials stopped by a signal: Optuna's failure warning is not shown for them
+    said_waiting = False
 
-    def objective(trial) -> float:
-        state["current"] = trial.number
-        trial.set_user_attr("worker", host)
-        if _seed_of(study._storage.get_trial(trial._trial_id)) is None:
+    def next_step(all_trials) -> str:
+        nonlocal said_waiting
+        trials = [t for t in all_trials if _seed_of(t) is not None]
+        if len({_seed_of(t) for t in trials if t.state == TrialState.COMPLETE}) >= seeds:
+            return "done"
+        failed = [t for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
+        if failed:
+            t = failed[0]
+            raise CifarlabError(f"final seed {_seed_of(t) + 1} of {group_dir} failed (trial {t.number}): "
+                                f"{t.user_attrs['error']}")
+        running = sorted(_seed_of(t) for t in trials if t.state == TrialState.RUNNING)
+        # a seed whose retries were used up by dying machines is queued again
+        if any(t.state == TrialState.WAITING for t in trials) or (not running and _queue_missing(study, seeds)):
+            said_waiting = False
+            return "claim"
+        if running and not said_waiting:
+            log(f"waiting for seed(s) {', '.join(str(k + 1) for k in running)} on other machines")
+            said_waiting = True
+        return "wait"
+
+    try:
+        claim_loop(study, _SeedObjective(cfg, group_dir, seeds, study, log), grace=GRACE_FACTOR * heartbeat,
+                   poll=poll, next_step=next_step)
+    except StopClaiming as e:
+        if isinstance(e.__cause__, Interrupted):
+            raise e.__cause__ from None  # fit's Interrupted: its message and exit status
+        raise
+    fetch_seeds(study, group_dir, log)
+
+
+class _SeedObjective(ClaimingObjective):
+    """One claimed trial: the seed it holds, trained here (or resumed, or only scored) into the group."""
+
+    def __init__(self, cfg: RunConfig, group_dir: Path, seeds: int, study, log: Callable[[str], None]):
+        super().__init__()
+        self.cfg, self.group_dir, self.seeds, self.study, self.log = cfg, group_dir, seeds, study, log
+        self.state: dict = {"data": None}
+
+    def may_give_back(self, t) -> bool:
+        return _seed_of(t) is not None and super().may_give_back(t)
+
+    def __call__(self, trial) -> float:
+        from optuna.trial import TrialState
+
+        from ..train.loop import Interrupted
+
+        self.claim(trial)
+        if _seed_of(self.study._storage.get_trial(trial._trial_id)) is None:
             raise _NotASeed("no seed queued")
+        seeds, cfg, group_dir = self.seeds, self.cfg, self.group_dir
         k = trial.suggest_int(SEED, 0, seeds - 1)
-        for t in study.get_trials(deepcopy=False):
+        for t in self.study.get_trials(deepcopy=False):
             if t.number != trial.number and _seed_of(t) == k and (
                     t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number)):
                 trial.set_user_attr("duplicate", True)
                 raise _Duplicate(f"seed {k} is held by trial {t.number}")
-        log(f"seed {k + 1}/{seeds} (train.seed={cfg.train.seed + k}) claimed (trial {trial.number})")
+        self.log(f"seed {k + 1}/{seeds} (train.seed={cfg.train.seed + k}) claimed (trial {trial.number})")
         try:
-            acc = _train_seed(cfg, group_dir, k, state, log)
+            acc = _train_seed(cfg, group_dir, k, self.state, self.log)
         except Interrupted as e:
-            stopped.add(trial.number)
-            raise _Stopped() from e
+            # Not a CifarlabError to Optuna, which would take it as the seed's own failure (a seed the study
+            # then refused for good): the seed goes back to the queue; this machine's checkpoint stays.
+            self.handled.add(trial.number)
+            raise StopClaiming(str(e)) from e
         except CifarlabError as e:
             trial.set_user_attr("error", str(e))
             raise
@@ -133,42 +175,6 @@ def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str,
             if f.is_file() and not f.name.endswith(LOCAL_ONLY):
                 trial.set_user_attr(FILE_PREFIX + f.name, base64.b64encode(f.read_bytes()).decode())
         return acc
-
-    said_waiting = False
-    while True:
-        fail_stale(study, GRACE_FACTOR * heartbeat)
-        trials = [t for t in study.get_trials(deepcopy=False) if _seed_of(t) is not None]
-        done = {_seed_of(t) for t in trials if t.state == TrialState.COMPLETE}
-        if len(done) >= seeds:
-            break
-        failed = [t for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
-        if failed:
-            t = failed[0]
-            raise CifarlabError(f"final seed {_seed_of(t) + 1} of {group_dir} failed (trial {t.number}): "
-                                f"{t.user_attrs['error']}")
-        if any(t.state == TrialState.WAITING for t in trials):
-            state["current"] = None
-            try:
-                with silence_handled(stopped):
-                    study.optimize(objective, n_trials=1, catch=(CifarlabError,), gc_after_trial=False)
-            except (KeyboardInterrupt, _Stopped) as e:
-                t = next((t for t in study.get_trials(deepcopy=False) if t.number == state["current"]), None)
-                if t is not None and t.state == TrialState.FAIL and _seed_of(t) is not None:
-                    requeue(study, t)  # the seed goes back to the queue; this machine's checkpoint stays
-                if isinstance(e, _Stopped):
-                    raise e.__cause__ from None  # fit's Interrupted: its message and exit status
-                raise
-            said_waiting = False
-            continue
-        running = sorted(_seed_of(t) for t in trials if t.state == TrialState.RUNNING)
-        if not running:
-            _queue_missing(study, seeds)  # a seed whose retries were used up by dying machines
-            continue
-        if not said_waiting:
-            log(f"waiting for seed(s) {', '.join(str(k + 1) for k in running)} on other machines")
-            said_waiting = True
-        time.sleep(poll)
-    fetch_seeds(study, group_dir, log)
 
 
 def _train_seed(cfg: RunConfig, group_dir: Path, k: int, state: dict, log: Callable[[str], None]) -> float:

@@ -20,16 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CifarlabError
+from .claims import ClaimingObjective, StopClaiming
 from .spec import SweepSpec
 from .storage import DEFAULT_HEARTBEAT, active, counted
 
 
 class _OverBudget(CifarlabError):
     """Raised inside a trial that another worker's trial beat to the last place of the budget."""
-
-
-class _StopWorker(Exception):
-    """Raised inside a trial to end the worker (interrupt); not a CifarlabError, so Optuna re-raises it."""
 
 
 @dataclass
@@ -55,14 +52,12 @@ class Worker:
         return self.parent is not None and os.getppid() != self.parent
 
 
-class Objective:
+class Objective(ClaimingObjective):
     """One trial: draw the values, train with ``fit``, report the metric each epoch, prune."""
 
     def __init__(self, run: Worker, study):
+        super().__init__()
         self.run, self.study = run, study
-        self.current: int | None = None
-        self.stop_after_trial = False  # a stop came as the trial ended: record it, then end the worker
-        self.handled: set[int] = set()  # trials whose failure this class reports itself (no Optuna traceback)
         self._data: dict[tuple, Any] = {}
         self._host = socket.gethostname()
 
@@ -78,12 +73,11 @@ class Objective:
         from ..train.loop import Interrupted
 
         run, spec = self.run, self.run.spec
-        self.current = trial.number
+        self.claim(trial)
         self._gate(trial)
         values = {p.name: p.suggest(trial) for p in spec.params}
         run_dir = Path(run.sweep_dir) / "trials" / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", f"{self._host}:{run_dir}")
-        trial.set_user_attr("worker", f"{self._host}:{os.getpid()}")
         hist: dict[str, list] = {"val_acc": [], "val_loss": [], "train_acc": [], "train_loss": [], "seconds": []}
         logger = WandbTrial(run, trial.number, values) if run.wandb else None
         t0 = time.perf_counter()
@@ -100,7 +94,7 @@ class Objective:
             raise
         except Interrupted as e:  # fit's "resume with" hint does not apply: the trial is queued to run again
             self._end(logger, "interrupted", trial, "interrupted", str(e).split(";")[0])
-            raise _StopWorker(str(e)) from None
+            raise StopClaiming(str(e)) from None
         except KeyboardInterrupt as e:
             # A stop that came after the trial's last step reaches here once fit has written the finished run
             # (summary.json), or as the trial was being pruned: the trial keeps its result, and the worker
@@ -132,6 +126,9 @@ class Objective:
                  f"({len(hist['val_acc'])} epochs, {time.perf_counter() - t0:.1f}s)")
         return value
 
+    def given_back(self, t) -> None:
+        self.say(f"trial {t.number} interrupted: queued to run again")
+
     def _gate(self, trial) -> None:
         """Turn the trial away when the trials numbered before it already fill the budget (module docstring)."""
         ahead = sum(1 for t in self.study.get_trials(deepcopy=False)
@@ -155,7 +152,7 @@ class Objective:
                 logger.log(row)
             if run.orphaned():
                 self._end(logger, "interrupted", trial, "interrupted", "the sweep run process is gone")
-                raise _StopWorker("the sweep run process is gone")
+                raise StopClaiming("the sweep run process is gone")
             value = row.get(metric, "")
             if value == "" or not math.isfinite(float(value)):
                 return

@@ -1,29 +1,27 @@
 """The worker processes of a sweep: each claims trials from the shared study and trains them until the
-budget is used.
+budget is used, on the claim loop of :mod:`.claims`.
 
 ``sweep run --workers K`` starts K spawned processes, each in its own process group; Ctrl-C / SIGTERM
 reach ``sweep run`` only, which passes the stop on to each worker once. A worker stops a trial after
 its current step (``cifarlab.train.fit`` checkpoints), queues it again and ends; a worker whose
 ``sweep run`` is gone (kill -9) stops with it. A worker that dies leaves a RUNNING trial whose
-heartbeat stops; the next worker to look fails it and queues it again (:func:`fail_stale`).
+heartbeat stops; the next worker to look fails it and queues it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import multiprocessing
 import os
 import signal
 import sys
-import time
-import warnings
 
 from ..errors import CifarlabError
-from .objective import Objective, Worker, _StopWorker
+from .claims import Step, StopClaiming, claim_loop
+from .objective import Objective, Worker
 from .spec import SweepSpec
-from .storage import GRACE_FACTOR, active, counted, make_pruner, make_sampler, open_storage, requeue
+from .storage import GRACE_FACTOR, active, counted, make_pruner, make_sampler, open_storage
 
 
 class SweepInterrupted(CifarlabError):
@@ -103,7 +101,7 @@ def worker_main(run: Worker) -> None:
 
 # --------------------------------------------------------------------------- worker
 def work(run: Worker) -> str:
-    """One worker's loop: start trials until the budget is used; returns "done" or "interrupted"."""
+    """One worker's loop: claim trials until the budget is used; returns "done" or "interrupted"."""
     import optuna
     import torch
 
@@ -114,32 +112,23 @@ def work(run: Worker) -> str:
     seed = None if run.seed is None else run.seed + 7919 * run.index + len(study.get_trials(deepcopy=False))
     study = optuna.load_study(study_name=run.study, storage=store, sampler=make_sampler(run.spec, seed),
                               pruner=make_pruner(run.spec, run.base))
-    objective = Objective(run, study)
-    poll = min(5.0, run.heartbeat)
-    with silence_handled(objective.handled), _sigterm_as_interrupt():
-        while True:
-            try:
-                if run.orphaned():  # `sweep run` was killed (kill -9): its workers stop with it
-                    return "interrupted"
-                fail_stale(study, GRACE_FACTOR * run.heartbeat)
-                trials = study.get_trials(deepcopy=False)
-                done = sum(map(counted, trials))
-                if done >= run.budget or target_reached(run.spec, trials):
-                    return "done"
-                if done + sum(map(active, trials)) >= run.budget:
-                    time.sleep(poll)  # the rest of the budget is running elsewhere: wait in case a worker dies
-                    continue
-                objective.current = None
-                study.optimize(objective, n_trials=1, catch=(CifarlabError,), gc_after_trial=False)
-                if objective.stop_after_trial:
-                    return "interrupted"
-            except (KeyboardInterrupt, _StopWorker):
-                if objective.current is not None:
-                    t = next((t for t in study.get_trials(deepcopy=False) if t.number == objective.current), None)
-                    if t is not None and t.state.name == "FAIL" and "error" not in t.user_attrs:
-                        requeue(study, t)
-                        objective.say(f"trial {t.number} interrupted: queued to run again")
-                return "interrupted"
+
+    def next_step(trials) -> Step:
+        if run.orphaned():  # `sweep run` was killed (kill -9): its workers stop with it
+            return "stop"
+        done = sum(map(counted, trials))
+        if done >= run.budget or target_reached(run.spec, trials):
+            return "done"
+        if done + sum(map(active, trials)) >= run.budget:
+            return "wait"  # the rest of the budget is running elsewhere: wait in case a worker dies
+        return "claim"
+
+    try:
+        end = claim_loop(study, Objective(run, study), grace=GRACE_FACTOR * run.heartbeat,
+                         poll=min(5.0, run.heartbeat), next_step=next_step)
+    except (KeyboardInterrupt, StopClaiming):
+        return "interrupted"
+    return "done" if end == "done" else "interrupted"
 
 
 def target_reached(spec: SweepSpec, trials) -> bool:
@@ -150,62 +139,3 @@ def target_reached(spec: SweepSpec, trials) -> bool:
         return any(v >= spec.target for v in values)
     return any(v <= spec.target for v in values)
 
-
-def fail_stale(study, grace: float | None = None) -> None:
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
-    if grace is None:
-        return
-    # A worker stopped (Ctrl-C, SIGTERM, kill -9) between Optuna creating a trial and the objective
-    # starting leaves a RUNNING trial that never got a heartbeat, so the check above never fails it and
-    # the budget gate waits on it forever. The objective marks its trial ("worker") at once: a trial
-    # still unmarked after the grace period is dead. (Clocks of machines sharing a storage must agree
-    # to within the grace period.)
-    from datetime import datetime
-
-    from optuna.trial import TrialState
-
-    now = datetime.now()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if "worker" in t.user_attrs or t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace:
-            continue
-        try:
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                requeue(study, study._storage.get_trial(t._trial_id))
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker got there first
-
-
-@contextlib.contextmanager
-def silence_handled(numbers: set[int]):
-    """Drop Optuna's failure warnings (with traceback) for trials whose failure the objective reported."""
-
-    class _Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            msg = record.getMessage()
-            return not any(msg.startswith(f"Trial {n} failed") for n in numbers)
-
-    f = _Filter()
-    logger = logging.getLogger("optuna.study._optimize")
-    logger.addFilter(f)
-    try:
-        yield
-    finally:
-        logger.removeFilter(f)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Outside ``fit`` (which has its own guard), SIGTERM stops a worker like Ctrl-C does."""
-    try:
-        old = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
