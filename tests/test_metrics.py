@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix
 
-from cifarlab.metrics import Accuracy
+from cifarlab.evaluation.metrics import Accuracy
 
 
 @pytest.mark.parametrize("seed", range(5))

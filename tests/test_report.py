@@ -18,7 +18,8 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 
 from cifarlab.cli.main import main
 from cifarlab.errors import CifarlabError
-from cifarlab.report import classification_metrics, expected_calibration_error, make_report
+from cifarlab.evaluation.metrics import classification_metrics, expected_calibration_error
+from cifarlab.report import make_report
 from .conftest import REPO, tiny_overrides
 
 RUN_FIGURES = {"training_curves.png", "confusion_matrix.png", "roc.png", "per_class.png", "reliability.png",

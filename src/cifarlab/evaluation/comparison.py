@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .groups import aggregate_rows, mean_history
+from .metrics import classification_metrics
 from .significance import pairwise
 
 # The row keys aggregated over seeds (mean, std, 95% t-interval) for a group.
@@ -47,8 +48,6 @@ def run_row(name: str, r, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _score(e: Entry) -> None:
-    from ..report.metrics import classification_metrics
-
     if not e.metrics:
         e.metrics = [classification_metrics(r.logits, r.labels, r.classes) for r in e.runs]
 

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, load_config
-from ..data import CifarData, load_data
+from ..data import ImageData, load_data
 from ..data.loader import DeviceBatches
 from ..errors import CifarlabError
-from ..metrics import Accuracy, summary_scores
 from ..models import build_model
 from ..io import atomic_write, atomic_write_text
 from ..train.checkpoint import load_into, load_weights
 from ..train.runtime import Runtime, setup_runtime
 from .inference import TTA_VIEWS, evaluate
+from .metrics import Accuracy, summary_scores
 
 
 def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, torch.nn.Module, dict, Runtime]:
@@ -46,7 +46,7 @@ def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig
     return cfg, model.eval(), meta, rt
 
 
-def evaluate_run(run_dir: str | Path, data: CifarData | None = None, device: str = "auto",
+def evaluate_run(run_dir: str | Path, data: ImageData | None = None, device: str = "auto",
                  tta: str | None = None) -> dict:
     run_dir = Path(run_dir)
     cfg, model, meta, rt = load_run_model(run_dir, device)

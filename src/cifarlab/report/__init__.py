@@ -3,5 +3,4 @@
 
 from .compare import compare_runs  # noqa: F401
 from .dataset import data_overview  # noqa: F401
-from .metrics import classification_metrics, expected_calibration_error  # noqa: F401
 from .single import make_report  # noqa: F401

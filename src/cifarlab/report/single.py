@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import CifarlabError
+from ..evaluation.metrics import classification_metrics, confidently_wrong
 from ..io import atomic_write_text
 from . import figures
 from . import html as H
-from .metrics import classification_metrics, confidently_wrong
 from .runs import RunFiles, json_safe, load_run, warn
 
 WRONG_GRID = 24  # images in the "most confidently wrong" grid (3 rows of 8)
