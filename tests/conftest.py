@@ -1,5 +1,5 @@
-"""Shared fixtures: a small image folder made of links into the shared CIFAR-10 copy,
-a private cache per test session, and a tiny trained run for report/predict/export tests."""
+"""Shared fixtures: a small CIFAR-10-like image folder generated once per session (no download, no
+../shared), a private cache per test session, and a tiny trained run for report/predict/export tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,28 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = Path(os.environ.get("CIFARLAB_TEST_DATA", REPO.parent / "shared" / "datasets" / "cifar10-jpeg"))
+# The most images per class any test asks make_subset for; every subset links into one generated set.
+GENERATED_PER_CLASS = {"train": 60, "test": 20}
+_generated: dict[str, Path] = {}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_data(tmp_path_factory):
+    """Where make_subset generates its images, once, on first use (most sessions never need them)."""
+    _generated["factory"] = tmp_path_factory
+    yield
+    _generated.clear()
+
+
+def generated_cifar10() -> Path:
+    """The session's CIFAR-10-like image folder: train/<class>/NNNN.jpg and test/<class>/NNNN.jpg, 32x32 RGB
+    JPEG quality 75 (the format of the development copy), learnable classes (tests/formats.py), seeded."""
+    if "root" not in _generated:
+        from .formats import write_cifar10_jpeg
+
+        root = _generated["factory"].mktemp("cifar10-jpeg")
+        _generated["root"] = write_cifar10_jpeg(root, GENERATED_PER_CLASS["train"], GENERATED_PER_CLASS["test"])
+    return _generated["root"]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -38,11 +59,12 @@ def load_benchmark(name: str):
 
 
 def make_subset(dst: Path, n_train: int, n_test: int) -> Path:
-    """An image folder with the first n images per class of the shared set (symlinks, nothing copied)."""
-    if not SHARED_CIFAR.is_dir():
-        pytest.skip(f"shared CIFAR-10 copy not found at {SHARED_CIFAR}")
+    """An image folder with the first n images per class of the generated set (symlinks, nothing copied);
+    a test may unlink and replace any of its files without touching the others' images."""
+    src = generated_cifar10()
     for split, n in (("train", n_train), ("test", n_test)):
-        for cls_dir in sorted((SHARED_CIFAR / split).iterdir()):
+        assert n <= GENERATED_PER_CLASS[split], f"make_subset: at most {GENERATED_PER_CLASS[split]} {split} images"
+        for cls_dir in sorted((src / split).iterdir()):
             out = dst / split / cls_dir.name
             out.mkdir(parents=True, exist_ok=True)
             for f in sorted(cls_dir.iterdir())[:n]:
@@ -52,7 +74,7 @@ def make_subset(dst: Path, n_train: int, n_test: int) -> Path:
 
 @pytest.fixture(scope="session")
 def small_folder(tmp_path_factory) -> Path:
-    """60 train + 20 test images per class from the shared set (600 + 200 images)."""
+    """60 train + 20 test images per class of the generated set (600 + 200 images)."""
     return make_subset(tmp_path_factory.mktemp("cifar-small"), 60, 20)
 
 

@@ -139,3 +139,44 @@ def write_digits_layout(root: Path, layout: str) -> Path:
                 w.writerow(r if layout == "csv-split" else r[:2])
         return root / "images"
     return root
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def learnable_images(labels: np.ndarray, size: int = 32, seed: int = 0) -> np.ndarray:
+    """(N, size, size, 3) uint8 images a small network tells apart, though not perfectly.
+
+    Class k is a hue (k/10 of the colour wheel, jittered by up to half the distance to the next) under a
+    grey sine grating of class-specific orientation and frequency (random phase), plus Gaussian pixel noise:
+    colour survives flips, crops and rotations, the grating rewards convolutions, and the jitter and noise
+    keep accuracy below 100%, as on real photographs.
+    """
+    rng = np.random.default_rng(seed)
+    k = np.asarray(labels)
+    n = len(k)
+    hue = (k / 10 + rng.uniform(-0.05, 0.05, n)) % 1.0
+    sat, val = rng.uniform(0.45, 0.75, n), rng.uniform(0.45, 0.85, n)
+    # HSV -> RGB (colorsys, vectorized): each channel is val * (1 - sat * clamp(...)) on the hue's sextant
+    c = np.stack([(5 + hue * 6) % 6, (3 + hue * 6) % 6, (1 + hue * 6) % 6], 1)
+    rgb = val[:, None] * (1 - sat[:, None] * np.clip(np.minimum(c, 4 - c), 0, 1))  # (N, 3) in [0, 1]
+    theta = (k % 5) * np.pi / 5
+    freq = np.where(k < 5, 2.0, 4.0) * 2 * np.pi / size  # 2 or 4 periods across the image
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    proj = np.cos(theta)[:, None, None] * xx + np.sin(theta)[:, None, None] * yy
+    grating = np.sin(freq[:, None, None] * proj + rng.uniform(0, 2 * np.pi, n)[:, None, None])  # (N, H, W)
+    x = 255 * rgb[:, None, None, :] + 40 * grating[..., None] + rng.normal(0, 25, (n, size, size, 3))
+    return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
+def write_cifar10_jpeg(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
+    """CIFAR-10 as an image folder, the way our development copy stores it: ``ROOT/{train,test}/<class>/NNNN.jpg``,
+    32x32 RGB JPEG at quality 75, the ten class names, ``n_train`` / ``n_test`` images per class. Deterministic."""
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        labels = np.repeat(np.arange(10), n)
+        x = learnable_images(labels, 32, s)
+        for i, (img, label) in enumerate(zip(x, labels)):
+            d = root / split / CIFAR10_CLASSES[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i % n:04d}.jpg", quality=75)
+    return root

@@ -4,6 +4,7 @@ with significance numbers checked against statsmodels on the saved test logits."
 from __future__ import annotations
 
 import json
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,7 @@ def test_compare_two_runs_significance(trained_run, tmp_path, small_folder):
     assert pair["acc_diff"] == pytest.approx(diff)
     assert pair["bootstrap"]["ci_low"] <= diff <= pair["bootstrap"]["ci_high"]
     html = (out / "comparison.html").read_text()
-    assert pair["verdict"].split(" (")[0] in html
+    assert html_escape(pair["verdict"].split(" (")[0]) in html  # "a > b, p = ...": the ">" is written &gt;
 
 
 def test_report_group(group):
