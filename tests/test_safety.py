@@ -11,6 +11,9 @@ import pickle
 import random
 import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -170,14 +173,50 @@ def test_full_disk_while_saving_weights_keeps_the_old_ones(trained_run, tmp_path
     assert _tmp_files(run) == []
 
 
-def test_unwritable_run_folder_is_a_clear_error(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    with pytest.raises(CifarlabError, match="cannot write"):
-        atomic_write(ro / "x", lambda f: f.write(b"x"))
+# Root writes anywhere, and CI runs as root: the write runs in a child that, its imports done, becomes the
+# unprivileged user "nobody" (as root) so that the folder's permissions are enforced for real.
+UNPRIVILEGED = 65534
+WRITER = """
+import importlib, os, sys
+from pathlib import Path
+from cifarlab.errors import CifarlabError
+atomic_write = importlib.import_module(sys.argv[1]).atomic_write
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid({uid})
+    os.setuid({uid})
+try:
+    atomic_write(Path(sys.argv[2]) / "x", lambda f: f.write(b"x"))
+except CifarlabError as e:
+    print(f"uid {{os.getuid()}}: CifarlabError: {{e}}")
+    sys.exit(3)
+print(f"uid {{os.getuid()}}: written")
+""".format(uid=UNPRIVILEGED)
+
+
+def _write_as_a_user(folder: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", WRITER, atomic_write.__module__, str(folder)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # a deadlock guard
+
+
+def test_unwritable_run_folder_is_a_clear_error():
+    # not under tmp_path: pytest makes /tmp/pytest-of-<user> private, where "nobody" could not even look
+    base = Path(tempfile.mkdtemp(prefix="cifarlab-perm-"))
+    try:
+        base.chmod(0o755)
+        ro, rw = base / "ro", base / "rw"
+        ro.mkdir(mode=0o555)
+        rw.mkdir()
+        rw.chmod(0o777)
+        r = _write_as_a_user(rw)  # the same child writes where it may: the denial below is the folder's doing
+        assert r.returncode == 0 and "written" in r.stdout and (rw / "x").read_bytes() == b"x", r.stdout + r.stderr
+        r = _write_as_a_user(ro)
+        assert r.returncode == 3 and "cannot write" in r.stdout, r.stdout + r.stderr
+        if os.geteuid() == 0:
+            assert f"uid {UNPRIVILEGED}:" in r.stdout
+        assert list(ro.iterdir()) == []  # no temp file left behind
+    finally:
+        shutil.rmtree(base)
 
 
 def test_run_files_follow_the_umask(trained_run):
