@@ -5,11 +5,9 @@ checked against a hand computation from the saved test logits."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from cifarlab.errors import ConfigError
 from cifarlab.study import load_study_file
 from cifarlab.sweep.spec import base_config, load_sweep_file
 
+from . import pause
 from .conftest import REPO, tiny_overrides
 
 TINY_VIT = {"model.name": "vit", "model.patch_size": 4, "model.embed_dim": 16, "model.num_encoder_layers": 1,
@@ -41,7 +40,7 @@ def write_study(tmp: Path, small_folder: Path) -> Path:
     study = {"name": "tiny", "out": str(tmp / "studies"), "seeds": 2, "models": {
         "cnn": {"config": str(REPO / "configs" / "cnn.yaml"),
                 "sweep": {**sweep, "cifarlab": {"set": _set(small_folder)}},
-                # 4 final epochs: the kill after epoch 1 must land before the run ends, also on a fast machine
+                # 4 final epochs: a seed stopped after its first epoch resumes with epochs left to train
                 "top": 2, "stage2_trials": 2, "final": {"epochs": 4}},
         "vit": {"sweep": {**sweep, "cifarlab": {"set": _set(small_folder, **TINY_VIT)}},
                 "top": 2, "stage2_trials": 2, "final": {"epochs": 2}}}}
@@ -50,27 +49,27 @@ def write_study(tmp: Path, small_folder: Path) -> Path:
     return path
 
 
-def _start(study: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cifarlab", "study", str(study), "--heartbeat", "1"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+def _stop_at(study: Path, log: Path, rule: str) -> str:
+    """Run the study until it pauses at ``rule`` (tests/pause.py), SIGTERM it there, let it go on, and return its
+    output once it has stopped."""
+    ctrl = log.with_suffix(".ctrl")
+    proc = subprocess.Popen(pause.command("study", str(study), "--heartbeat", "1"), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env=pause.env(ctrl, [rule]), cwd=REPO)
+    try:
+        pause.wait_paused(ctrl, 0, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        pause.release(ctrl, 0)
+        assert proc.wait(pause.GUARD) != 0  # the timeout is a deadlock guard only
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return log.read_text()
 
 
-def _kill_when(proc: subprocess.Popen, log: Path, after: str, then: str, timeout: float = 60, ready=None) -> str:
-    """SIGTERM the study once ``then`` appears in its output after ``after`` (and ``ready()``); returns the output."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        text = log.read_text()
-        i = text.find(after)
-        if i >= 0 and then in text[i:] and (ready is None or ready()):
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-            return log.read_text()
-        if proc.poll() is not None:
-            pytest.fail(f"study ended before the kill point:\n{text[-3000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail(f"kill point not reached:\n{log.read_text()[-3000:]}")
+def _study(*args: str) -> subprocess.CompletedProcess:
+    """``cifarlab study ARGS`` to its end (the timeout is a deadlock guard only)."""
+    return subprocess.run([sys.executable, "-m", "cifarlab", "study", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=pause.GUARD)
 
 
 def _trials(sweep_dir: Path) -> list:
@@ -84,23 +83,20 @@ def test_study_end_to_end_killed_twice(small_folder, tmp_path):
     study = write_study(tmp_path, small_folder)
     sdir = tmp_path / "studies" / "tiny"
     log = tmp_path / "run1.log"
-    # kill 1: during the first model's stage-2 sweep, once one of its trials finished
+    # kill 1: during the first model's stage-2 sweep, as its second trial starts (the first one finished)
     stage2 = sdir / "sweeps" / "tiny-cnn-stage2"
-    # the storage, not the log line, says when a trial is finished (the line comes just before Optuna records it)
-    _kill_when(_start(study, log), log, "stage 3/6 stage2", "trial 0 complete",
-               ready=lambda: any(t.state.name == "COMPLETE" for t in _trials(stage2)))
+    out1 = _stop_at(study, log, "*/tiny-cnn-stage2/trials/trial-0001@start")
+    assert "stage 3/6 stage2" in out1 and "trial 0 complete" in out1
     before = {t.number: t.value for t in _trials(stage2) if t.state.name == "COMPLETE"}
     stage1_before = {t.number: t.value for t in _trials(sdir / "sweeps" / "tiny-cnn-stage1")}
-    assert before and len(stage1_before) == 2
-    # kill 2: during the first model's final training, after its first epoch
-    log2 = tmp_path / "run2.log"
-    out2 = _kill_when(_start(study, log2), log2, "stage 5/6 final", "epoch   1/4")
-    assert "stage 1/6 stage1 | done before, reused" in out2
+    assert list(before) == [0] and len(stage1_before) == 2
+    # kill 2: during the first model's final training, after its first epoch (of 4)
+    out2 = _stop_at(study, tmp_path / "run2.log", "*/final/cnn/seed-0@epoch=1")
+    assert "stage 1/6 stage1 | done before, reused" in out2 and "stage 5/6 final" in out2
     final0 = sdir / "final" / "cnn" / "seed-0"
     assert (final0 / "last.pt").is_file() and not (final0 / "summary.json").exists()
     # run 3 finishes
-    r = subprocess.run([sys.executable, "-m", "cifarlab", "study", str(study), "--heartbeat", "1"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = _study(str(study), "--heartbeat", "1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "seed 1/2 (train.seed=" in r.stdout and "resuming" in r.stdout
     # no trial repeated: every sweep holds exactly its budget of counted trials, earlier results unchanged
@@ -142,8 +138,7 @@ def test_study_end_to_end_killed_twice(small_folder, tmp_path):
         assert f"{per['mcnemar']['n01']}" in html
     assert rep["runs"][0]["spread"]["test_acc"]["mean"] == pytest.approx(np.mean(acc["cnn"]))
     # a fourth run does nothing again
-    r = subprocess.run([sys.executable, "-m", "cifarlab", "study", str(study), "--no-report"], capture_output=True,
-                       text=True, cwd=REPO, timeout=60)
+    r = _study(str(study), "--no-report")
     assert r.returncode == 0 and r.stdout.count("done before, reused") == 12
 
 

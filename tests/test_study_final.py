@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from . import pause
 from .conftest import REPO, tiny_overrides
 
 SEEDS = 3
@@ -24,6 +24,7 @@ SEEDS = 3
 MACHINE = """
 import sys
 from pathlib import Path
+import tests.pause  # pauses where $CIFARLAB_TEST_PAUSE says (tests/pause.py)
 from cifarlab.config import load_config
 from cifarlab.study.final import claimed_group
 cfg = load_config("{config}", {overrides!r})
@@ -32,10 +33,16 @@ print("GROUP DONE", flush=True)
 """
 
 
-def _machine(script: Path, group: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _machine(script: Path, group: Path, log: Path, pause_at: list[str] = ()) -> subprocess.Popen:
+    env = pause.env(log.with_suffix(".ctrl"), list(pause_at))
     return subprocess.Popen([sys.executable, str(script), str(group)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env=env, cwd=REPO, start_new_session=True)
+
+
+def _done(proc: subprocess.Popen, log: Path) -> str:
+    """The machine's output once it has ended on its own (the timeout is a deadlock guard only)."""
+    proc.wait(pause.GUARD)
+    return log.read_text()
 
 
 def _seed_trials(url: str) -> list:
@@ -52,31 +59,27 @@ def test_final_seeds_claimed_across_machines(small_folder, tmp_path):
     script.write_text(MACHINE.format(config=REPO / "configs" / "cnn.yaml", overrides=overrides, seeds=SEEDS, url=url))
     a, b = tmp_path / "a" / "final" / "cnn", tmp_path / "b" / "final" / "cnn"
 
-    # machine A claims seed 0 and is SIGKILLed after its first epoch
+    # machine A claims seed 0 and is SIGKILLed after its first epoch (held there until the kill)
     log_a = tmp_path / "a1.log"
-    pa = _machine(script, a, log_a)
-    t0 = time.monotonic()
-    while "epoch   1/4" not in log_a.read_text():
-        assert pa.poll() is None, log_a.read_text()
-        assert time.monotonic() - t0 < 120, log_a.read_text()
-        time.sleep(0.1)
+    pa = _machine(script, a, log_a, ["*/seed-0@epoch=1"])
+    pause.wait_paused(log_a.with_suffix(".ctrl"), 0, pa, log_a)
     os.killpg(pa.pid, signal.SIGKILL)
     pa.wait()
-    assert "seed 1/3 (train.seed=0) claimed" in log_a.read_text()
+    assert "seed 1/3 (train.seed=0) claimed" in log_a.read_text() and "epoch   1/4" in log_a.read_text()
     assert not (a / "seed-0" / "summary.json").exists()
 
     # machine B: takes seed 0 over once A's heartbeat is stale, and trains all three
     log_b = tmp_path / "b.log"
     pb = _machine(script, b, log_b)
-    assert pb.wait(180) == 0, log_b.read_text()
-    out_b = log_b.read_text()
+    out_b = _done(pb, log_b)
+    assert pb.returncode == 0, out_b
     assert "GROUP DONE" in out_b and out_b.count(") claimed (trial") == SEEDS, out_b
 
     # machine A again: nothing left to train; it fetches every seed from the storage
     log_a2 = tmp_path / "a2.log"
     pa2 = _machine(script, a, log_a2)
-    assert pa2.wait(120) == 0, log_a2.read_text()
-    out_a2 = log_a2.read_text()
+    out_a2 = _done(pa2, log_a2)
+    assert pa2.returncode == 0, out_a2
     assert ") claimed (trial" not in out_a2 and "fetched seed(s) 1, 2, 3" in out_a2, out_a2
 
     trials = _seed_trials(url)
@@ -108,21 +111,20 @@ def test_a_sigterm_during_a_final_seed_queues_it_again(small_folder, tmp_path):
                                      overrides=tiny_overrides(small_folder, **{"train.epochs": 4})))
     group = tmp_path / "a" / "final" / "cnn"
     log1 = tmp_path / "a1.log"
-    p = _machine(script, group, log1)
-    t0 = time.monotonic()
-    while "epoch   1/4" not in log1.read_text():
-        assert p.poll() is None, log1.read_text()
-        assert time.monotonic() - t0 < 120, log1.read_text()
-        time.sleep(0.1)
+    p = _machine(script, group, log1, ["*/seed-0@epoch=1"])
+    ctrl = log1.with_suffix(".ctrl")
+    pause.wait_paused(ctrl, 0, p, log1)  # seed 0 has trained one epoch of four, and waits
     p.send_signal(signal.SIGTERM)
-    assert p.wait(60) != 0
-    assert "stopped by SIGTERM" in log1.read_text() and "GROUP DONE" not in log1.read_text()
+    pause.release(ctrl, 0)
+    out1 = _done(p, log1)
+    assert p.returncode != 0
+    assert "stopped by SIGTERM in epoch 2" in out1 and "GROUP DONE" not in out1, out1
     assert [t.state.name for t in _seed_trials(url) if t.params["seed"] == 0] == ["FAIL", "WAITING"]  # queued again
 
     log2 = tmp_path / "a2.log"
     p2 = _machine(script, group, log2)
-    assert p2.wait(120) == 0, log2.read_text()
-    out = log2.read_text()
+    out = _done(p2, log2)
+    assert p2.returncode == 0, out
     assert "GROUP DONE" in out and "resuming" in out and "failed" not in out, out
     complete = [t.params["seed"] for t in _seed_trials(url) if t.state.name == "COMPLETE"]
     assert sorted(complete) == [0, 1]
