@@ -71,13 +71,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cifarlab.config import RunConfig, load_config
 from cifarlab.data.dataset import apply_data_defaults
-from cifarlab.data import CifarData, load_data
+from cifarlab.data import ImageData, load_data
 from cifarlab.data.augment import BatchAugment
 from cifarlab.data.loader import DeviceBatches
 from cifarlab.models.resnet import CentreTapConv2d
 from cifarlab.evaluation.inference import predict_logits
 from cifarlab.models import build_model
-from cifarlab.train.loop import TrainState, train_one_epoch
+from cifarlab.train.loop import train_one_epoch
+from cifarlab.train.state import Parts, TrainState
 from cifarlab.train.optim import build_optimizer, build_scheduler
 from cifarlab.train.runtime import Runtime, keep_freed_memory, maybe_compile, setup_runtime
 
@@ -318,7 +319,7 @@ def study_defaults(device: torch.device):
 class StudySide:
     """A: the study's model, loaders and loop."""
 
-    def __init__(self, name: str, cfg: RunConfig, data: CifarData, device: torch.device, eval_images: int):
+    def __init__(self, name: str, cfg: RunConfig, data: ImageData, device: torch.device, eval_images: int):
         self.device = device
         self.model = study_model(name, cfg).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
@@ -394,7 +395,7 @@ class StudySide:
 class CifarlabSide:
     """B: cifarlab's defaults, through the same functions ``fit`` uses."""
 
-    def __init__(self, name: str, cfg: RunConfig, data: CifarData, eval_images: int, model: nn.Module | None = None):
+    def __init__(self, name: str, cfg: RunConfig, data: ImageData, eval_images: int, model: nn.Module | None = None):
         """``model``: another implementation of the same network (the timm peer), trained as B is."""
         t = cfg.train
         self.cfg = cfg
@@ -409,6 +410,9 @@ class CifarlabSide:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler, self.per_step = build_scheduler(self.optimizer, cfg.optim, t.epochs, len(self.batches))
         self.train_model = maybe_compile(self.model, t.compile)
+        # The trainer's parts (no spec needed: the loop and its step read none of it), so that B's steps are fit's.
+        self.parts = Parts(cfg, None, self.rt, data, self.model, self.train_model, self.batches, self.optimizer,
+                           self.scheduler, self.per_step)
         self.state = TrainState()
         self.eval_x = data.val_x[:eval_images]
         self.epoch = 0
@@ -419,8 +423,7 @@ class CifarlabSide:
         self.state.step = len(self.batches) - steps
         sync(self.rt.device)
         t0 = time.perf_counter()
-        train_one_epoch(self.train_model, self.batches, self.optimizer, self.scheduler, self.per_step, self.rt,
-                        self.cfg, self.state, self.epoch)
+        train_one_epoch(self.parts, self.state, self.epoch)
         sync(self.rt.device)
         self.epoch += 1
         return steps * self.cfg.train.batch_size, time.perf_counter() - t0
@@ -517,13 +520,13 @@ def measure_startup(data: str | None, train_size: int) -> float | None:
 
 
 # ============================================================================ run
-def load_bench_data(path: str | None, train_size: int, val_size: int = 2048) -> CifarData:
+def load_bench_data(path: str | None, train_size: int, val_size: int = 2048) -> ImageData:
     from cifarlab.config import DataConfig
 
     return load_data(DataConfig(path=path, train_size=train_size, val_size=val_size))
 
 
-def bench_model(name: str, data: CifarData, plan: Plan, args: argparse.Namespace, log, timm=None) -> dict:
+def bench_model(name: str, data: ImageData, plan: Plan, args: argparse.Namespace, log, timm=None) -> dict:
     """``timm``: the timm module, for the ViT's second peer C (None: no C)."""
     cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"train.compile={'true' if args.compile else 'false'}",
                                                           *args.overrides])

@@ -136,7 +136,7 @@ def test_full_disk_during_save_keeps_the_old_checkpoint(tmp_path, full_disk):
 
 def test_full_disk_during_training_exits_2_and_keeps_the_checkpoint(small_folder, tmp_path, monkeypatch, capsys,
                                                                      trained_run, full_disk):
-    import cifarlab.train.loop as loop
+    import cifarlab.train.callbacks as loop  # where the trainer's checkpoint callback writes last.pt
 
     real, calls = loop.save_checkpoint, []
 
@@ -321,7 +321,7 @@ def test_no_unsafe_deserializer_in_the_source():
 # --------------------------------------------------------------------------- numerical faults
 def _poison_steps(monkeypatch, steps: set[int]) -> None:
     """Make the training loss NaN at the given global steps (1-based)."""
-    import cifarlab.train.loop as loop
+    import cifarlab.train.step as loop  # the one training step's loss
 
     real, count = loop.soft_cross_entropy, [0]
 

@@ -60,3 +60,18 @@ def test_streamed_run_matches_in_memory_run(small_folder, tmp_path):
     assert _rows(f"{runs['mem']}/metrics.csv") == _rows(f"{runs['stream']}/metrics.csv")
     wa, wb = load_file(f"{runs['mem']}/best.safetensors"), load_file(f"{runs['stream']}/best.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lr_finder_runs_on_a_streamed_data_set_with_the_same_curve(small_folder):
+    """The lr finder builds its batches through the trainer's setup (``make_batches``): on a data set too large
+    for the device budget it streams them from the decode cache, and its curve is the in-memory one."""
+    from cifarlab.train.lr_finder import lr_find
+
+    curves = {}
+    for name, budget in (("mem", None), ("stream", 0.01)):
+        cfg = load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(small_folder, **{"data.device_memory": budget}))
+        data = load_data(cfg.data)
+        assert isinstance(data.train_x, HostImages) == (name == "stream")  # the budget really streams
+        curves[name] = lr_find(cfg, data=data, num_it=12)
+    assert len(curves["mem"].losses) == 12
+    assert curves["mem"].losses == curves["stream"].losses and curves["mem"].lrs == curves["stream"].lrs

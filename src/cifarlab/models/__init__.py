@@ -4,7 +4,8 @@ Each variant is a small builder function decorated with :func:`register_model` i
 importing this package imports those modules, which registers their builders.
 """
 
-from .registry import (classifier_name, count_parameters, create_for_input, create_model, list_models,  # noqa: F401
-                       model_defaults, model_kwargs, register_model, resize_input, validate_model_params)
+from .registry import (ModelSpec, classifier_name, count_parameters, create_for_input, create_model, list_models,  # noqa: F401
+                       model_defaults, model_kwargs, model_spec, register_model, resize_input, spec_of,
+                       validate_model_params)
 from . import cnn, resnet, speednet, vit  # noqa: E402,F401  (registers their builders)
 from .pretrained import build_model  # noqa: E402,F401

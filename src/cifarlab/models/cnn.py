@@ -34,7 +34,7 @@ class SmallCNN(nn.Module):
         return self.classifier(x)  # (B, num_classes)
 
 
-@register_model
+@register_model(head="classifier")
 def cnn(num_classes: int = 10, *, widths: list[int] = [64, 128, 256], hidden: int = 512,  # noqa: B006
         dropout: float = 0.5, image_size: int = 32) -> nn.Module:
     return SmallCNN(num_classes, list(widths), hidden, dropout, image_size)

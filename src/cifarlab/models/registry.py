@@ -16,14 +16,52 @@ import torch.nn.functional as F
 
 from ..coerce import coerce_like
 from ..errors import ConfigError
+from .spec import ModelSpec
+from .timm_models import timm_builder
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_SPECS: dict[str, ModelSpec] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn(num_classes, **hparams) -> nn.Module`` under its function name."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
+def register_model(fn: Callable[..., nn.Module] | None = None, *, head: str = "", channels_last: bool = True,
+                   whitening: bool = False, start_epoch: bool = False, param_groups: bool = False):
+    """Register ``fn(num_classes, **hparams) -> nn.Module`` under its function name, with its capabilities
+    (:class:`ModelSpec`): ``@register_model(head="fc")``. ``head`` is required."""
+
+    def deco(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if not head:
+            raise TypeError(f"register_model({f.__name__}): name the classifier head module (head=...)")
+        _REGISTRY[f.__name__] = f
+        _SPECS[f.__name__] = ModelSpec(f.__name__, head, channels_last, whitening, start_epoch, param_groups)
+        return f
+
+    return deco(fn) if fn is not None else deco
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The capabilities of a registered model, or of ``timm/<architecture>`` (read from timm's model)."""
+    if name in _SPECS:
+        return _SPECS[name]
+    return _get(name).spec  # timm: the builder made on first use carries its spec
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The spec :func:`create_model` attached to ``model`` (under any DDP / compile / EMA wrapper), as timm
+    attaches ``pretrained_cfg`` to the models it creates."""
+    while not hasattr(model, "model_spec") and isinstance(getattr(model, "module", getattr(model, "_orig_mod", None)),
+                                                          nn.Module):
+        model = getattr(model, "module", None) or model._orig_mod
+    spec = getattr(model, "model_spec", None)
+    if not isinstance(spec, ModelSpec):
+        raise ConfigError(f"{type(model).__name__} was not built by cifarlab.models.create_model: its capabilities "
+                          f"(head, layout, whitening) are unknown")
+    return spec
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The name of the model's head module, as its spec declares it. Fine-tuning trains it first, and loaded
+    weights whose head does not fit the classes leave it freshly initialized."""
+    return spec_of(model).head
 
 
 def list_models() -> list[str]:
@@ -73,6 +111,7 @@ def create_model(name: str, num_classes: int = 10, *, input_size: int = 0, **hpa
     fn = _get(name)
     params = validate_model_params(name, hparams, image_size=hparams.get("image_size", 32))
     model = fn(num_classes=num_classes, **params)
+    model.model_spec = model_spec(name)  # a plain attribute: not in the state dict, not a submodule
     if input_size:
         resize_input(model, input_size)
     return model
@@ -121,34 +160,12 @@ def resize_input(model: nn.Module, size: int) -> nn.Module:
     return model
 
 
-def classifier_name(model: nn.Module) -> str:
-    """The name of the model's head module: timm's ``get_classifier()``, else the first of ``fc``, ``head``,
-    ``classifier`` that holds parameters, else the last ``nn.Linear``. Fine-tuning trains it first, and
-    loaded weights whose head does not fit the classes leave it freshly initialized."""
-    modules = dict(model.named_modules())
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        head = get()
-        for n, m in modules.items():
-            if m is head and n and any(True for _ in m.parameters()):
-                return n
-    for n in ("fc", "head", "classifier"):
-        if n in modules and any(True for _ in modules[n].parameters()):
-            return n
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"cannot find the head of {type(model).__name__}: no fc, head, classifier or nn.Linear")
-    return linears[-1]
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def _get(name: str) -> Callable[..., nn.Module]:
     if name not in _REGISTRY and name.startswith("timm/"):
-        from .timm_models import timm_builder
-
         return timm_builder(name)
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model '{name}'; available: {', '.join(list_models())}, or timm/<architecture>")

@@ -32,7 +32,7 @@ class CentreTapConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-@register_model
+@register_model(head="fc")
 def resnet18(num_classes: int = 10, *, cifar_stem: bool = False) -> nn.Module:
     # Imported here: torchvision's package import (which pulls in torch._dynamo) costs 1.3 s of every
     # `cifarlab train` start on a 2-core CPU, also for runs that never build a ResNet.

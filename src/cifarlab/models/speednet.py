@@ -163,7 +163,7 @@ class SpeedNet(nn.Module):
                  "lr_scale": self.bias_lr_scale}]
 
 
-@register_model
+@register_model(head="head", whitening=True, start_epoch=True, param_groups=True)
 def speednet(num_classes: int = 10, *, widths: list[int] = [64, 256, 256], whiten_kernel: int = 2,  # noqa: B006
              bn_momentum: float = 0.1, bn_eps: float = 1e-12, bn_weight: bool = False, dirac: bool = True,
              head_scale: float = 1 / 9, bias_lr_scale: float = 64.0, bias_decay: float = 1.0,

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from .spec import ModelSpec
 
 PREFIX = "timm/"
 # Class arguments that cifarlab sets (num_classes), that belong to weights loading (pretrained*) or that
@@ -81,7 +82,27 @@ def timm_builder(name: str) -> Callable[..., nn.Module]:
     build.__name__ = build.__qualname__ = name
     build.check_set_params = check_set_params
     build.pretrained_cfg = dict(probe.pretrained_cfg)  # input size, mean, std, weights source
+    build.spec = _spec(name, arch, probe)
     return build
+
+
+# timm's modules of attention models: channels-last gains nothing there (and costs a layout change per step).
+TRANSFORMER_MODULES = ["vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos",
+                       "vision_transformer_sam", "deit", "beit", "eva", "cait", "xcit", "crossvit", "pit", "tnt",
+                       "twins", "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr", "mvitv2",
+                       "levit", "volo", "sequencer", "mlp_mixer", "hiera", "naflexvit"]
+
+
+def _spec(name: str, arch: str, probe: nn.Module):
+    """A timm model's :class:`~cifarlab.models.registry.ModelSpec`: its head is what its ``get_classifier()``
+    returns (timm's API for it), its layout follows its module (attention models stay channels-first)."""
+    from timm.models import is_model_in_modules
+
+    head_module = probe.get_classifier()
+    head = next((n for n, m in probe.named_modules() if m is head_module and n), "")
+    if not head:
+        raise ConfigError(f"{name}: timm's get_classifier() names no submodule; it cannot be fine-tuned here")
+    return ModelSpec(name, head, channels_last=not is_model_in_modules(arch, TRANSFORMER_MODULES))
 
 
 def _plain(value: Any) -> Any:

@@ -33,6 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import RunConfig
+from ..io import atomic_write
+from .callbacks import Freezing
+from .loop import setup
+from .state import TrainState
+from .step import train_step
 
 
 @dataclass
@@ -116,11 +121,12 @@ def _valley(lrs: list[float], losses: list[float]) -> float:
 def find_lr(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy, *,
             start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 200, beta: float = 0.98, div: float = 4.0,
-            stop_div: bool = True, autocast: Callable | None = None, scaler: torch.amp.GradScaler | None = None,
-            grad_clip: float = 0.0, before_step: Callable[[torch.optim.Optimizer], None] | None = None
-            ) -> LRFindResult:
+            stop_div: bool = True, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            scaler: torch.amp.GradScaler | None = None) -> LRFindResult:
     """The range test on ``model`` and ``optimizer``, which are restored afterwards (weights, buffers, optimizer
-    state and lrs, RNG). ``batches`` yields (inputs, targets) and is cycled if shorter than ``num_it``.
+    state and lrs, loss scale, RNG). ``batches`` yields (inputs, targets) and is cycled if shorter than ``num_it``.
+    ``step(x, y) -> loss`` takes one optimization step (a cifarlab run's is :func:`cifarlab.train.step.train_step`,
+    see :func:`lr_find`); by default a plain one: forward, ``loss_fn``, backward, ``optimizer.step()``.
     Each group's lr keeps its ratio to the largest group lr (discriminative lrs); ``lrs`` are that largest."""
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(optimizer.state_dict())
@@ -131,36 +137,24 @@ def find_lr(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterabl
     top = max(g["lr"] for g in optimizer.param_groups)
     ratios = [g["lr"] / top if top > 0 else 1.0 for g in optimizer.param_groups]
     it: Iterator = _cycle(batches)
-    ctx = autocast or _nullcontext
 
-    def step(lr: float) -> float:
+    def plain_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    take_step = step or plain_step
+
+    def at_lr(lr: float) -> float:
         for g, r in zip(optimizer.param_groups, ratios):
             g["lr"] = lr * r
-        x, y = next(it)
-        with ctx():
-            loss = loss_fn(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if before_step is not None:
-                before_step(optimizer)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if before_step is not None:
-                before_step(optimizer)
-            optimizer.step()
-        return loss.item()
+        return take_step(*next(it)).item()
 
     model.train()
     try:
-        return range_test(step, start_lr, end_lr, num_it, beta, div, stop_div)
+        return range_test(at_lr, start_lr, end_lr, num_it, beta, div, stop_div)
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.load_state_dict(saved_model)
@@ -183,65 +177,30 @@ def _cycle(batches: Iterable) -> Iterator:
             raise ValueError("the lr finder got no batches")
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # --------------------------------------------------------------------------- a run's model
 def lr_find(cfg: RunConfig, *, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 200,
             data=None, log: Callable[[str], None] | None = None) -> LRFindResult:
-    """The range test on the model, optimizer and training batches that ``cifarlab train`` would build for ``cfg``."""
-    from ..data import load_data
-    from ..data.augment import BatchAugment
-    from ..data.loader import DeviceBatches
-    from ..models.pretrained import input_norm, load_initial_weights
-    from .finetune import build_finetune
-    from .loop import build_model, seed_everything, soft_cross_entropy
-    from .mix import build_mix
-    from .optim import apply_decoupled_wd, build_optimizer
-    from .runtime import setup_runtime
-
+    """The range test on the parts ``cifarlab train`` builds for ``cfg`` (:func:`cifarlab.train.loop.setup`:
+    starting weights, whitening, the batches on the device or streamed, discriminative lrs, precision), stepping
+    with the training loop's own step (class weights, mixup, clipping, decoupled decay, loss scale), as the first
+    epoch would (its freezing and the model's per-epoch settings)."""
+    parts = setup(cfg, data, log=log or (lambda s: None))
+    for cb in (Freezing(),):
+        cb.epoch_start(parts, TrainState(), 0)  # the test runs on the model as the first epoch trains it
     t = cfg.train
-    rt = setup_runtime(t, cfg.model.name)
-    seed_everything(t.seed)
-    data = data if data is not None else load_data(cfg.data, rt.device)
-    from ..data.dataset import apply_data_defaults
-
-    apply_data_defaults(cfg, data)  # data.image_size from the images, as fit does
-    model = build_model(cfg, data.num_classes)
-    line = load_initial_weights(model, cfg, data.num_classes)
-    if line and log:
-        log(line)
-    model = model.to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    mean, std = input_norm(cfg, data.mean, data.std)
-    batches = DeviceBatches(data.train_x, data.train_y, t.batch_size, mean=mean, std=std, device=rt.device,
-                            shuffle=True, drop_last=len(data.train_x) >= t.batch_size,
-                            augment=BatchAugment(cfg.data, len(data.train_x), t.seed, epochs=t.epochs), seed=t.seed,
-                            channels_last=rt.channels_last)
-    optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)
-    finetune = build_finetune(model, t)
-    if finetune is not None:
-        finetune.start_epoch(0)  # the test runs on the model as the first epoch trains it
-    mix = build_mix(cfg.data, data.num_classes, t.seed)
 
     def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for epoch in itertools.count():
-            for step, x, y in batches.epoch(epoch):
-                yield mix(x, y, epoch, step) if mix is not None else (x, y)
+            for step, x, y in parts.batches.epoch(epoch):
+                yield parts.mix(x, y, epoch, step) if parts.mix is not None else (x, y)
 
     try:
-        return find_lr(model, optimizer, stream(), lambda logits, y: soft_cross_entropy(logits, y, t.label_smoothing),
-                       start_lr=start_lr, end_lr=end_lr, num_it=num_it, autocast=rt.autocast, scaler=rt.scaler,
-                       grad_clip=t.grad_clip, before_step=apply_decoupled_wd)
+        # nan_policy "stop" only records a bad step: the range test itself stops on a non-finite loss.
+        return find_lr(parts.model, parts.optimizer, stream(), start_lr=start_lr, end_lr=end_lr, num_it=num_it,
+                       step=lambda x, y: train_step(parts, x, y, 0, nan_policy="stop").loss, scaler=parts.rt.scaler)
     finally:
-        if finetune is not None:
-            finetune.start_epoch(t.epochs)  # everything trainable again
+        if parts.finetune is not None:
+            parts.finetune.start_epoch(t.epochs)  # everything trainable again
 
 
 def plot(result: LRFindResult, path: str | Path, title: str = "") -> Path:
@@ -250,8 +209,6 @@ def plot(result: LRFindResult, path: str | Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..io import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="loss")

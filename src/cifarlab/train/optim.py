@@ -13,11 +13,12 @@ from ..config import OptimConfig
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norm parameters and embeddings (1-D or token tensors), as in timm / nanoGPT.
 
-    A model with its own ``param_groups(weight_decay)`` method (speednet) defines its groups; a group's
-    optional ``lr_scale`` multiplies the learning rate (see build_optimizer)."""
-    own = getattr(model, "param_groups", None)
-    if callable(own):
-        return own(weight_decay)
+    A model whose spec declares ``param_groups`` (speednet) defines its groups with its own
+    ``param_groups(weight_decay)``; a group's optional ``lr_scale`` multiplies the learning rate (see
+    build_optimizer). A module not built by ``create_model`` (no spec) gets the default groups."""
+    spec = getattr(model, "model_spec", None)
+    if spec is not None and spec.param_groups:
+        return model.param_groups(weight_decay)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..models import model_spec
 from ..errors import ConfigError
 
 
@@ -126,8 +127,8 @@ def setup_runtime(cfg: TrainConfig, model_name: str) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     precision = resolve_precision(cfg.precision, device)
-    # channels-last helps convolutions (oneDNN / cuDNN NHWC kernels); a ViT gains nothing.
-    channels_last = cfg.channels_last and model_name != "vit"
+    # channels-last helps convolutions (oneDNN / cuDNN NHWC kernels); an attention model gains nothing: its spec says.
+    channels_last = cfg.channels_last and model_spec(model_name).channels_last
     return Runtime(device, precision, channels_last)
 
 
