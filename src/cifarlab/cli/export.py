@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="ONNX: skip the onnxruntime comparison on the test set")
     p.add_argument("--check-images", type=int, metavar="N",
-                   help="ONNX: compare (and with --int8 score) on the first N test images only")
+                   help="ONNX: compare on the first N test images only (--int8: score on N drawn at random)")
     p.add_argument("--data", metavar="PATH", help="data location for the check, if it moved since training")
     p.add_argument("--int8", action="store_true",
                    help="ONNX: also write model.int8.onnx, statically quantized (QDQ, int8 weights per channel) and "
