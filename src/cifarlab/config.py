@@ -75,7 +75,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | sgd | muon (matrices and filters; the rest by optim.aux, train/muon.py)
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.01  # decoupled weight decay (decay per step = lr x weight_decay)
     coupled_decay: bool = False  # SGD: add weight_decay x w to the gradient instead (torch's SGD, airbench94)
@@ -90,6 +90,11 @@ class OptimConfig:
     warmup_start: float = 0.0  # lr / peak lr at step 0 of the warm-up (airbench94: 0.2); 0 = from ~zero
     lr_scale_rule: str = "none"  # none | linear | sqrt: scale lr by world size in distributed runs
     backbone_lr_scale: float = 1.0  # lr of everything but the head, relative to lr (discriminative lrs)
+    # Muon (optim.name=muon): lr is the Muon group's; biases, norms, embeddings and the head go to optim.aux
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per update
+    aux: str = "sgd"  # sgd | adamw: the optimizer of the parameters Muon does not suit (momentum / betas above)
+    aux_lr: float = 0.0  # their peak lr (0 = optim.lr)
 
 
 @dataclass
@@ -232,7 +237,11 @@ class RunConfig:
         _check(0 < d.progressive_until <= 1, "data.progressive_until", d.progressive_until, "must be in (0, 1]")
         _check(d.mixup >= 0 and d.cutmix >= 0, "data.mixup/cutmix", (d.mixup, d.cutmix), "must be >= 0")
 
-        _check(o.name in ("adamw", "sgd"), "optim.name", o.name, "must be adamw or sgd")
+        _check(o.name in ("adamw", "sgd", "muon"), "optim.name", o.name, "must be adamw, sgd or muon")
+        _check(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "must be in [0, 1)")
+        _check(1 <= o.muon_ns_steps <= 50, "optim.muon_ns_steps", o.muon_ns_steps, "must be in [1, 50]")
+        _check(o.aux in ("sgd", "adamw"), "optim.aux", o.aux, "must be sgd or adamw")
+        _check(o.aux_lr >= 0, "optim.aux_lr", o.aux_lr, "must be >= 0 (0: optim.lr)")
         _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be a positive number")
         _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
         _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")

@@ -8,6 +8,7 @@ import torch
 from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, LRScheduler, OneCycleLR
 
 from ..config import OptimConfig
+from .muon import Muon, muon_groups
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -34,6 +35,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float | None =
         from .finetune import split_head
 
         groups = split_head(model, groups, cfg.backbone_lr_scale)
+    if cfg.name == "muon":
+        return _muon(model, groups, cfg, lr)
     for g in groups:
         g["lr"] = lr * g.pop("lr_scale", 1.0)
     if cfg.name == "sgd":
@@ -47,6 +50,19 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float | None =
                                weight_decay=0.0, fused=_fusable(groups))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                              fused=_fusable(groups))
+
+
+def _muon(model: torch.nn.Module, groups: list[dict], cfg: OptimConfig, lr: float) -> Muon:
+    """Muon on the matrices and filters; the head (its spec's) and embeddings on ``optim.aux``."""
+    spec = getattr(model, "model_spec", None)
+    skip = {id(p) for n, p in model.named_parameters()
+            if n.endswith(("cls_token", "pos_embed")) or (spec is not None and (n == spec.head or
+                                                                                  n.startswith(spec.head + ".")))}
+    groups = muon_groups(groups, skip, cfg.aux, (cfg.aux_lr or lr) / lr)
+    for g in groups:
+        g["lr"] = lr * g.pop("lr_scale", 1.0)
+    return Muon(groups, lr=lr, momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.muon_ns_steps,
+                aux_momentum=cfg.momentum, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 def _fusable(groups: list[dict]) -> bool | None:

@@ -1,0 +1,82 @@
+"""Muon (train/muon.py): the Newton-Schulz orthogonalization against a direct SVD, the parameter split, a
+training run that learns, and a bit-exact resume."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from cifarlab.config import load_config
+from cifarlab.errors import ConfigError
+from cifarlab.models import create_model
+from cifarlab.train.muon import CUBIC, Muon, newton_schulz
+from cifarlab.train.optim import build_optimizer
+
+from .conftest import REPO
+from .test_resume import _cli, _sets, assert_same_run
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (6, 20), (20, 6)])
+def test_newton_schulz_converges_to_the_polar_factor_of_a_direct_svd(shape):
+    """The classic cubic iteration reaches U V^T exactly; Keller Jordan's quintic (5 steps) keeps U and V and
+    puts every singular value in a band around 1, which is what Muon relies on."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(*shape, generator=g, dtype=torch.float64).float()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    polar = u @ vh
+    torch.testing.assert_close(newton_schulz(m, steps=60, coefficients=CUBIC), polar, atol=1e-4, rtol=0)
+
+    q = newton_schulz(m, steps=5)
+    inner = u.T @ q @ vh.T  # diagonal when q = U diag(d) V^T
+    d = torch.diagonal(inner)
+    assert torch.all(d > 0.6) and torch.all(d < 1.25), d
+    assert (inner - torch.diag(d)).abs().max() < 0.05
+    assert not torch.allclose(q, polar, atol=1e-3)  # the quintic is an approximation: the test can tell
+
+
+def test_muon_takes_the_filters_and_leaves_the_head_biases_and_norms_to_the_aux_optimizer():
+    model = create_model("cnn", 10, widths=[8, 16, 32], hidden=32)
+    cfg = load_config(None, ["optim.name=muon", "optim.lr=0.02", "optim.aux=adamw", "optim.aux_lr=0.001"])
+    opt = build_optimizer(model, cfg.optim)
+    assert isinstance(opt, Muon)
+    kind = {id(p): g["kind"] for g in opt.param_groups for p in g["params"]}
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        muon = p.ndim >= 2 and not name.startswith("classifier.")
+        assert kind[id(p)] == ("muon" if muon else "adamw"), name
+        assert lr[id(p)] == pytest.approx(0.02 if muon else 0.001), name
+    assert len(kind) == len(list(model.parameters()))  # every parameter has exactly one home
+
+
+def test_bad_muon_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match="optim.aux"):
+        load_config(None, ["optim.name=muon", "optim.aux=lion"])
+    with pytest.raises(ConfigError, match="optim.name"):
+        load_config(None, ["optim.name=muom"])
+
+
+def test_a_muon_run_learns_and_resumes_bit_exact(small_folder, tmp_path, monkeypatch, capsys):
+    import cifarlab.train.loop as loop
+
+    sets = _sets(small_folder, **{"train.epochs": 3, "optim.name": "muon", "optim.lr": 0.05, "optim.aux": "sgd",
+                                  "optim.aux_lr": 0.02, "optim.schedule": "linear", "optim.weight_decay": 0.0005})
+    args = ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path), *sets]
+    assert _cli(*args, "--name", "clean") == 0
+    rows = (tmp_path / "clean" / "metrics.csv").read_text().splitlines()[1:]
+    first, last = (float(r.split(",")[1]) for r in (rows[0], rows[-1]))
+    assert last < first  # the training loss falls
+
+    real = loop.step_seed
+
+    def step_seed(seed, epoch, step, *rest):
+        if (epoch, step) == (1, 3):
+            signal.raise_signal(signal.SIGINT)
+        return real(seed, epoch, step, *rest)
+
+    monkeypatch.setattr(loop, "step_seed", step_seed)
+    assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
+    monkeypatch.setattr(loop, "step_seed", real)
+    assert _cli("train", "--resume", str(tmp_path / "run")) == 0
+    assert_same_run(tmp_path / "run", tmp_path / "clean")
