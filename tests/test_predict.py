@@ -15,14 +15,20 @@ from PIL import Image
 import cifarlab
 from cifarlab.cli.main import main
 from cifarlab.data.folder import list_folder
+from cifarlab.config import load_config
 from cifarlab.errors import CifarlabError, DataError
-from cifarlab.evaluation import load_run_model
+from cifarlab.evaluation.loader import load_model
+from cifarlab.models import build_model
+from cifarlab.train.checkpoint import load_into, load_weights
 
 
 def _reference_logits(run_dir: Path, rgb: np.ndarray) -> torch.Tensor:
-    """Logits of (N, S, S, 3) uint8 images through the run's model, normalized here by hand from best.json."""
+    """Logits of (N, S, S, 3) uint8 images through the run's model, built here from config.yaml (not by the
+    loader under test), normalized here by hand from best.json."""
     meta = json.loads((run_dir / "best.json").read_text())
-    _, model, _, _ = load_run_model(run_dir, device="cpu")
+    model = build_model(load_config(run_dir / "config.yaml"), meta["num_classes"])
+    load_into(model, load_weights(run_dir / "best.safetensors")[0], "best.safetensors")
+    model.eval()
     x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0
     x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -146,3 +152,24 @@ def test_bad_inputs_give_clear_errors(trained_run, tmp_path, capsys):
         predictor.predict(np.zeros((32, 32, 3), np.uint8), top_k=0)
     with pytest.raises(CifarlabError, match="best.safetensors"):
         cifarlab.load(tmp_path)
+
+
+def test_one_loader_for_a_run_and_its_bare_weights(trained_run, tmp_path):
+    """evaluate, predict and export load through load_model: a run directory adds its config to the sidecar, a
+    bare .safetensors with its .json is enough for the same model; only evaluate's as_trained needs the run."""
+    run = load_model(trained_run, "cpu")
+    assert run.cfg is not None and run.cfg.model.name == run.meta["model"]
+    assert (run.runtime.precision, run.runtime.channels_last) == ("fp32", False)
+    for ext in (".safetensors", ".json"):
+        (tmp_path / f"model{ext}").write_bytes((trained_run / f"best{ext}").read_bytes())
+    bare = load_model(tmp_path / "model.safetensors", "cpu")
+    assert bare.cfg is None and bare.meta == run.meta
+    ref = run.model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in bare.model.state_dict().items()) and len(ref) > 0
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(run.normalize(images), bare.normalize(images))
+    trained = load_model(trained_run, "cpu", as_trained=True)
+    assert trained.runtime.precision == run.cfg.train.precision or run.cfg.train.precision == "auto"
+    with pytest.raises(CifarlabError, match="not a run directory"):
+        load_model(tmp_path / "model.safetensors", "cpu", as_trained=True)
+    assert cifarlab.load(tmp_path / "model.safetensors").norm(images).equal(run.normalize(images))

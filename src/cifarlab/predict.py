@@ -1,18 +1,19 @@
 """Prediction on new images with a trained run: ``cifarlab.load(RUN_DIR).predict(images)``.
 
-A :class:`Predictor` is rebuilt from the best weights alone: ``best.safetensors`` and its
-``best.json`` sidecar hold the model name, hyperparameters, classes, normalization and
-image size, so a run directory (or an exported ``.safetensors`` with its ``.json``) is
-enough; the training data is not needed. Every input goes through the same conversion
+A :class:`Predictor` is rebuilt from the best weights by the loader ``evaluate`` and ``export`` use too
+(:func:`cifarlab.evaluation.loader.load_model`): ``best.safetensors`` and its ``best.json`` sidecar hold
+the model name, hyperparameters, classes, normalization and image size, so a run directory (or an exported
+``.safetensors`` with its ``.json``) is enough; the training data is not needed. Every input goes through the same conversion
 as the training images (:func:`cifarlab.data.folder.to_rgb_array`: alpha composited on
 black, grayscale and palette to RGB, bicubic resize to ``image_size``), then the same
-normalization (:meth:`DeviceBatches.normalize`), so a test image scores the same here
+normalization (:class:`cifarlab.data.loader.Normalize`), so a test image scores the same here
 as in ``cifarlab evaluate``: with the same test-time augmentation, which defaults to the one
 ``evaluate`` used (``test_metrics.json``, else the run's ``train.tta``; ``tta="none"`` for one view).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,16 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from tqdm import tqdm
 
 from .data.folder import IMAGE_EXTS, decode_image, to_rgb_array
-from .data.loader import DeviceBatches
+from .data.loader import Normalize
 from .errors import CifarlabError, DataError
-from .models import create_for_input
-from .train.checkpoint import load_into, load_weights
 from .evaluation.inference import TTA_VIEWS, predict_logits
-from .train.runtime import Runtime, resolve_device
+from .evaluation.loader import load_model
+from .train.runtime import Runtime
 
 ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W), (H, W, 3|4) or (N, H, W, 3)
 
@@ -70,29 +71,17 @@ class Predictor:
         self.device = device
         # fp32 and the default memory format: predictions are few, exact probabilities matter more than speed.
         self.runtime = Runtime(device, "fp32", channels_last=False)
-        self.norm = DeviceBatches(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), 1,
-                                  mean=meta["mean"], std=meta["std"], device=device)
+        self.norm = Normalize(meta["mean"], meta["std"], device)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", tta: str | None = None) -> "Predictor":
-        """Load ``RUN_DIR/best.safetensors`` (or a given ``.safetensors`` file) and its JSON sidecar.
+        """Load ``RUN_DIR/best.safetensors`` (or a given ``.safetensors`` file) and its JSON sidecar
+        (:func:`cifarlab.evaluation.loader.load_model`).
 
         ``tta``: none | flip | flip_translate; default: what ``cifarlab evaluate`` used (:func:`run_tta`)."""
-        path = Path(run_dir)
-        weights = path if path.suffix == ".safetensors" else path / "best.safetensors"
-        if not path.exists():
-            raise CifarlabError(f"run not found: {path}")
-        if not weights.is_file():
-            raise CifarlabError(f"{path} has no best.safetensors: is it a finished run directory?")
-        tensors, meta = load_weights(weights)
-        missing = [k for k in ("model", "num_classes", "classes", "image_size", "mean", "std") if k not in meta]
-        if missing:
-            raise CifarlabError(f"{weights.with_suffix('.json')} lacks {', '.join(missing)}")
-        image_size = int(meta["image_size"])  # a pretrained model's input_size: it resizes the images itself
-        model = create_for_input(meta["model"], int(meta["num_classes"]), dict(meta.get("hparams") or {}),
-                                 int(meta.get("input_size") or image_size), image_size)
-        load_into(model, tensors, str(weights))
-        return cls(model, meta, resolve_device(device), tta=run_tta(path, meta) if tta is None else tta)
+        loaded = load_model(run_dir, device)
+        return cls(loaded.model, loaded.meta, loaded.runtime.device,
+                   tta=run_tta(run_dir, loaded.meta) if tta is None else tta)
 
     # ----------------------------------------------------------------- inputs
     def to_uint8(self, image: ImageInput) -> np.ndarray:
@@ -157,10 +146,6 @@ def run_tta(path: str | Path, meta: dict | None = None) -> str:
     """The test-time augmentation ``cifarlab evaluate`` used for a run, so that predictions reproduce its
     accuracy: ``test_metrics.json``'s, else the run's ``train.tta`` (config.yaml), else the weights'
     sidecar (an export), else none."""
-    import json
-
-    import yaml
-
     path = Path(path)
     if path.is_dir():
         try:

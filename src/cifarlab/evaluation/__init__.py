@@ -1,3 +1,4 @@
 """Test-set evaluation of a run's best weights; logits saved once for every report."""
 
-from .evaluate import evaluate_run, format_table, load_run_model  # noqa: F401
+from .evaluate import evaluate_run, format_table  # noqa: F401
+from .loader import LoadedModel, load_model  # noqa: F401

@@ -11,49 +11,23 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..config import RunConfig, load_config
 from ..data import ImageData, load_data
-from ..data.loader import DeviceBatches
 from ..errors import CifarlabError
-from ..models import build_model
 from ..io import atomic_write, atomic_write_text
-from ..train.checkpoint import load_into, load_weights
-from ..train.runtime import Runtime, setup_runtime
 from .inference import TTA_VIEWS, evaluate
+from .loader import load_model
 from .metrics import Accuracy, summary_scores
-
-
-def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, torch.nn.Module, dict, Runtime]:
-    """Rebuild a run's model from ``config.yaml`` and load ``best.safetensors`` into it."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CifarlabError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    if device != "auto":
-        cfg.train.device = device
-    tensors, meta = load_weights(run_dir / "best.safetensors")
-    if meta.get("model") != cfg.model.name:
-        raise CifarlabError(f"{run_dir}/best.safetensors holds a {meta.get('model')!r} model, config says "
-                            f"{cfg.model.name!r}")
-    model = build_model(cfg, int(meta["num_classes"]))
-    load_into(model, tensors, str(run_dir / "best.safetensors"))
-    rt = setup_runtime(cfg.train, cfg.model.name)
-    model = model.to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return cfg, model.eval(), meta, rt
 
 
 def evaluate_run(run_dir: str | Path, data: ImageData | None = None, device: str = "auto",
                  tta: str | None = None) -> dict:
     run_dir = Path(run_dir)
-    cfg, model, meta, rt = load_run_model(run_dir, device)
+    loaded = load_model(run_dir, device, as_trained=True)
+    cfg, model, meta, rt, norm = loaded.cfg, loaded.model, loaded.meta, loaded.runtime, loaded.normalize
     data = data if data is not None else load_data(cfg.data)
     if list(data.classes) != list(meta["classes"]):
         raise CifarlabError(f"the data's classes {data.classes} differ from the run's {meta['classes']}")
-    norm = DeviceBatches(data.test_x[:0], data.test_y[:0], 1, mean=meta["mean"], std=meta["std"], device=rt.device)
     tta = cfg.train.tta if tta is None else tta
     loss, acc, logits = evaluate(model, data.test_x, data.test_y, norm, rt, cfg.train.eval_batch_size, tta)
     # Both numbers: the headline with the run's TTA, and one view, what an exported model or a plain forward gives.

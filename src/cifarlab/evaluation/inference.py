@@ -2,19 +2,22 @@
 
 Shared by training (validation), ``evaluate``, ``predict``, ``export`` and ``serve``: every number a run
 reports comes from :func:`predict_logits`, with one normalization (:class:`Normalize`, the same arithmetic
-as the training batches') and one TTA (:func:`tta_logits`).
+as the training batches') and one TTA (:func:`tta_logits`); every trained model is loaded by
+:func:`cifarlab.evaluation.loader.load_model`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.loader import Normalize  # noqa: F401  (re-exported: the inference API's normalization)
-from ..train.runtime import Runtime
+from ..data.loader import Normalize  # noqa: F401  (the inference API's normalization)
+
+if TYPE_CHECKING:  # a type only: the training loop imports this module, so it imports nothing of train/
+    from ..train.runtime import Runtime
 
 
 @torch.inference_mode()
