@@ -13,8 +13,8 @@ called with them (a sweep trial: ``.../SWEEP/trials/trial-0001``; a seed: ``.../
 
 - ``start``: as ``fit`` is called, before it does anything;
 - ``epoch=N``: after epoch N's checkpoint, metrics row, log line and ``on_epoch_end`` (the caller's first);
-- ``checkpoint=E.S``: once ``last.pt`` holding epoch E, step S (``train_state``) is written (E completed
-  epochs, S steps into the next: what a resume starts from).
+- ``checkpoint=E.S``: once the first ``last.pt`` at or past epoch E, step S (its ``train_state``: E completed
+  epochs, S steps into the next, what a resume starts from) is written.
 
 Each rule pauses once per process. Three ways in:
 
@@ -56,11 +56,15 @@ class _Rules:
             self.rules.append((k, glob, kind, arg))
         self.done: set[int] = set()
 
-    def at(self, run_dir: Path | str, kind: str, arg: str = "") -> None:
-        for k, glob, kind_, arg_ in self.rules:
-            if k not in self.done and kind_ == kind and arg_ == arg and fnmatch.fnmatch(str(run_dir), glob):
-                self.done.add(k)
-                _pause(self.ctrl, k)
+    def at(self, run_dir: Path | str, kind: str, where=None) -> None:
+        for k, glob, kind_, arg in self.rules:
+            if k in self.done or kind_ != kind or not fnmatch.fnmatch(str(run_dir), glob):
+                continue
+            if (kind == "epoch" and int(arg) != where) or (
+                    kind == "checkpoint" and tuple(int(x) for x in arg.split(".")) > where):
+                continue
+            self.done.add(k)
+            _pause(self.ctrl, k)
 
 
 def _pause(ctrl: Path, k: int) -> None:
@@ -98,7 +102,7 @@ def install(ctrl: Path | str, rules: list[str]) -> None:
         def on_epoch_end(epoch, row):
             if user is not None:
                 user(epoch, row)
-            state.at(run_dir, "epoch", str(epoch))
+            state.at(run_dir, "epoch", epoch)
 
         return real_fit(cfg, out_dir, name, **{**kw, "on_epoch_end": on_epoch_end})
 
@@ -107,7 +111,7 @@ def install(ctrl: Path | str, rules: list[str]) -> None:
         real_save(path, ckpt, *a, **kw)
         ts = (ckpt.get("train_state") or {}) if isinstance(ckpt, dict) else {}
         if "epoch" in ts and "step" in ts:
-            state.at(Path(path).parent, "checkpoint", f"{ts['epoch']}.{ts['step']}")
+            state.at(Path(path).parent, "checkpoint", (ts["epoch"], ts["step"]))
 
     _replace_everywhere(real_fit, fit)
     _replace_everywhere(real_save, save_checkpoint)

@@ -52,7 +52,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     if sys.platform == "linux":  # gloo on the loopback device: CI containers' host names may not resolve
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)  # a deadlock guard
 
 
 def _max_curve_diff(a: list[dict], b: list[dict]) -> float:

@@ -138,7 +138,7 @@ def test_a_missing_download_is_one_line_naming_the_file_to_place(caches, small_f
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     p = subprocess.run([sys.executable, "-m", "cifarlab", "train", "--set", "model.name=resnet18", "--set",
                         "model.pretrained=true", *sum((["--set", o] for o in timm_overrides(small_folder)), []),
-                        "--out", str(caches / "runs")], capture_output=True, text=True, env=env, timeout=300)
+                        "--out", str(caches / "runs")], capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 2, p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cifarlab: error: cannot download"), p.stderr

@@ -44,7 +44,7 @@ def render_html(html: Path, tmp_path: Path) -> tuple[dict[str, str], np.ndarray]
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / profile}"]
         return subprocess.run([exe, *flags, *extra, html.resolve().as_uri()], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=900)  # a deadlock guard
 
     # The virtual time budget lets the page's load handler run before the DOM is dumped.
     dom = run("--virtual-time-budget=10000", "--dump-dom", profile="profile-dom")

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from safetensors.torch import load_file
 from cifarlab.cli.main import main
 from cifarlab.train.checkpoint import load_checkpoint
 
+from . import pause
 from .conftest import REPO, tiny_overrides
 
 # Dropout (cnn's classifier), the study's augmentation, an EMA, a lookahead and a per-step schedule with warm-up:
@@ -90,33 +90,14 @@ def assert_same_run(a: Path, b: Path) -> None:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _popen(args: list[str], err: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cifarlab", *args], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=open(err, "w"))
-
-
-def _wait_for_checkpoint(proc: subprocess.Popen, last: Path, accept, timeout: float = 240.0) -> dict:
-    """Freeze the process each time last.pt changes; return the (frozen) checkpoint once ``accept`` likes it.
-
-    Frozen with SIGSTOP, the process cannot replace last.pt while it is read, so the state the test checks
-    is exactly the one a kill leaves behind.
-    """
-    seen = None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"training ended (rc {proc.returncode}) before the checkpoint the test waits for"
-        stamp = last.stat().st_mtime_ns if last.exists() else None
-        if stamp is not None and stamp != seen:
-            proc.send_signal(signal.SIGSTOP)
-            time.sleep(0.02)  # delivery is asynchronous: let the stop take hold before reading
-            seen = last.stat().st_mtime_ns
-            state = load_checkpoint(last)
-            if accept(state["train_state"]):
-                return state
-            proc.send_signal(signal.SIGCONT)
-        time.sleep(0.01)
-    proc.kill()
-    pytest.fail("timed out waiting for a checkpoint")
+def _popen(args: list[str], err: Path, pause_at: str | None = None) -> subprocess.Popen:
+    """``cifarlab ARGS``; with ``pause_at`` (tests/pause.py: ``GLOB@checkpoint=E.S``), held once that checkpoint is
+    written, until the test kills it or lets it go on."""
+    if pause_at is None:
+        return subprocess.Popen([sys.executable, "-m", "cifarlab", *args], env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=open(err, "w"))
+    return subprocess.Popen(pause.command(*args), env=pause.env(err.with_suffix(".ctrl"), [pause_at], ENV),
+                            stdout=subprocess.DEVNULL, stderr=open(err, "w"))
 
 
 def test_sigkill_then_sigterm_then_resume_matches_an_uninterrupted_run(small_folder, tmp_path):
@@ -126,35 +107,42 @@ def test_sigkill_then_sigterm_then_resume_matches_an_uninterrupted_run(small_fol
     clean = _popen([*base, "--name", "clean"], tmp_path / "clean.err")
     run = tmp_path / "run"
     try:
-        # 1. SIGKILL in the middle of the second epoch: no handler runs, only the files on disk survive.
-        proc = _popen([*base, "--name", "run"], tmp_path / "killed.err")
-        killed = _wait_for_checkpoint(proc, run / "last.pt", lambda s: s["epoch"] >= 1 and s["step"] > 0)
+        # 1. SIGKILL in the middle of the second epoch, held just after its first checkpoint there: no handler runs,
+        # only the files on disk survive.
+        err = tmp_path / "killed.err"
+        proc = _popen([*base, "--name", "run"], err, pause_at=f"{run}@checkpoint=1.1")
+        pause.wait_paused(err.with_suffix(".ctrl"), 0, proc, err)
         proc.kill()
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert proc.wait(timeout=pause.GUARD) == -signal.SIGKILL
+        killed = load_checkpoint(run / "last.pt")
+        assert killed["train_state"]["epoch"] == 1 and 0 < killed["train_state"]["step"] <= 4
         assert len(_metrics(run)) == killed["train_state"]["epoch"]  # metrics.csv matches the checkpoint
         (run / ".last.pt.cut-short.tmp").write_bytes(b"PK\x03")  # what a kill in the middle of a write leaves
 
-        # 2. Resume, then SIGTERM: the current step finishes, a checkpoint is written, the exit says how to resume.
+        # 2. Resume, then SIGTERM (held after its first checkpoint): the current step finishes, a checkpoint is
+        # written, the exit says how to resume.
         err = tmp_path / "term.err"
-        proc = _popen(["train", "--resume", str(run)], err)
-        before = killed["train_state"]["global_step"]
-        _wait_for_checkpoint(proc, run / "last.pt", lambda s: s["global_step"] > before)
+        st = killed["train_state"]
+        proc = _popen(["train", "--resume", str(run)], err, pause_at=f"{run}@checkpoint={st['epoch']}.{st['step'] + 1}")
+        pause.wait_paused(err.with_suffix(".ctrl"), 0, proc, err)
+        held = load_checkpoint(run / "last.pt")["train_state"]
+        assert held["global_step"] > st["global_step"]
         proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGCONT)
-        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        pause.release(err.with_suffix(".ctrl"), 0)
+        assert proc.wait(timeout=pause.GUARD) == 128 + signal.SIGTERM
         lines = err.read_text().strip().splitlines()
         assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], lines
         assert f"cifarlab train --resume {run}" in lines[0]
         termed = load_checkpoint(run / "last.pt")["train_state"]
-        assert termed["global_step"] > before and 0 < termed["step"]
+        assert termed["global_step"] == held["global_step"] + 1 and 0 < termed["step"]  # the step after the signal
         assert f"at step {termed['step']};" in lines[0]  # the checkpoint is the step the message names
 
         # 3. Resume to the end.
         done = subprocess.run([sys.executable, "-m", "cifarlab", "train", "--resume", str(run)],
-                              env=ENV, capture_output=True, text=True, timeout=240)
+                              env=ENV, capture_output=True, text=True, timeout=pause.GUARD)
         assert done.returncode == 0, done.stderr
         assert f"resuming {run} at epoch {termed['epoch'] + 1}, step {termed['step']}" in done.stdout
-        assert clean.wait(timeout=240) == 0, (tmp_path / "clean.err").read_text()
+        assert clean.wait(timeout=pause.GUARD) == 0, (tmp_path / "clean.err").read_text()
     finally:
         for p in (clean, proc):
             if p.poll() is None:
