@@ -143,3 +143,33 @@ def test_seeds_needs_name(small_folder, tmp_path, capsys):
     argv = ["train", "--out", str(tmp_path), "--seeds", "2"] + sum((["--set", o] for o in tiny_overrides(small_folder)), [])
     assert main_exit(argv) == 2
     assert "--seeds needs --name" in capsys.readouterr().err
+
+
+def test_group_runner_trains_any_members_and_loads_each_data_section_once(tmp_path, monkeypatch):
+    """The runner takes members, not only seeds (the audit's folds next): members that share a data section
+    share one loaded data set; a member with another data section gets its own."""
+    import dataclasses
+
+    import cifarlab.data
+    from cifarlab.config import RunConfig
+    from cifarlab.train.group import GroupRunner, Member
+
+    loads, fits = [], []
+    monkeypatch.setattr(cifarlab.data, "load_data", lambda d: loads.append(d.seed) or object())
+
+    def fake_fit(cfg, out, name, *, data, resume, overwrite, **kw):
+        fits.append((name, data, resume, overwrite))
+        return {"run": name}
+
+    base = RunConfig().validate()
+    other_seed = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=base.train.seed + 1))
+    other_data = dataclasses.replace(base, data=dataclasses.replace(base.data, seed=base.data.seed + 1))
+    lines = []
+    runner = GroupRunner(tmp_path / "g", fit_fn=fake_fit, log=lines.append)
+    members = [Member("fold-0", base, "fold 1/3"), Member("fold-1", other_seed, "fold 2/3"),
+               Member("fold-2", other_data, "fold 3/3")]
+    assert [runner.run(m)["run"] for m in members] == ["fold-0", "fold-1", "fold-2"]
+    assert loads == [base.data.seed, base.data.seed + 1]
+    assert fits[0][1] is fits[1][1] and fits[2][1] is not fits[0][1]
+    assert all(f[2:] == (False, True) for f in fits)  # each a new run
+    assert lines == ["fold 1/3 starting", "fold 2/3 starting", "fold 3/3 starting"]

@@ -33,6 +33,9 @@ from ..errors import CifarlabError
 from ..evaluation.groups import seed_dir
 from ..io import atomic_write, atomic_write_text
 from ..sweep.claims import ClaimingObjective, StopClaiming, claim_loop
+from ..sweep.storage import GRACE_FACTOR, open_storage
+from ..train.group import GroupRunner, prepare_group, seed_members
+from ..train.loop import Interrupted
 
 SEED = "seed"
 FILE_PREFIX = "file:"
@@ -92,10 +95,6 @@ def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str,
     import optuna
     from optuna.trial import TrialState
 
-    from ..sweep.storage import GRACE_FACTOR, open_storage
-    from ..train.group import prepare_group
-    from ..train.loop import Interrupted
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prepare_group(cfg, group_dir, seeds, overwrite=False)
     study = _study(open_storage(storage_url, heartbeat), name, seeds)
@@ -136,8 +135,9 @@ class _SeedObjective(ClaimingObjective):
 
     def __init__(self, cfg: RunConfig, group_dir: Path, seeds: int, study, log: Callable[[str], None]):
         super().__init__()
-        self.cfg, self.group_dir, self.seeds, self.study, self.log = cfg, group_dir, seeds, study, log
-        self.state: dict = {"data": None}
+        self.group_dir, self.study, self.log = group_dir, study, log
+        self.members = seed_members(cfg, seeds)
+        self.runner = GroupRunner(group_dir, log=log)  # loads the data once, for the first seed it trains
 
     def may_give_back(self, t) -> bool:
         return _seed_of(t) is not None and super().may_give_back(t)
@@ -145,21 +145,18 @@ class _SeedObjective(ClaimingObjective):
     def __call__(self, trial) -> float:
         from optuna.trial import TrialState
 
-        from ..train.loop import Interrupted
-
         self.claim(trial)
         if _seed_of(self.study._storage.get_trial(trial._trial_id)) is None:
             raise _NotASeed("no seed queued")
-        seeds, cfg, group_dir = self.seeds, self.cfg, self.group_dir
-        k = trial.suggest_int(SEED, 0, seeds - 1)
+        k = trial.suggest_int(SEED, 0, len(self.members) - 1)
         for t in self.study.get_trials(deepcopy=False):
             if t.number != trial.number and _seed_of(t) == k and (
                     t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number)):
                 trial.set_user_attr("duplicate", True)
                 raise _Duplicate(f"seed {k} is held by trial {t.number}")
-        self.log(f"seed {k + 1}/{seeds} (train.seed={cfg.train.seed + k}) claimed (trial {trial.number})")
+        self.log(f"{self.members[k].label} claimed (trial {trial.number})")
         try:
-            acc = _train_seed(cfg, group_dir, k, self.state, self.log)
+            self.runner.run(self.members[k], evaluate=True)
         except Interrupted as e:
             # Not a CifarlabError to Optuna, which would take it as the seed's own failure (a seed the study
             # then refused for good): the seed goes back to the queue; this machine's checkpoint stays.
@@ -168,31 +165,13 @@ class _SeedObjective(ClaimingObjective):
         except CifarlabError as e:
             trial.set_user_attr("error", str(e))
             raise
-        run_dir = seed_dir(group_dir, k)
+        run_dir = seed_dir(self.group_dir, k)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         for f in sorted(run_dir.iterdir()):
             if f.is_file() and not f.name.endswith(LOCAL_ONLY):
                 trial.set_user_attr(FILE_PREFIX + f.name, base64.b64encode(f.read_bytes()).decode())
-        return acc
-
-
-def _train_seed(cfg: RunConfig, group_dir: Path, k: int, state: dict, log: Callable[[str], None]) -> float:
-    from ..data import load_data
-    from ..train import fit
-    from ..train.group import evaluate_seed, seed_config, seed_status
-
-    run_dir = seed_dir(group_dir, k)
-    if (run_dir / "remote.json").is_file():  # fetched from another machine's claim that was then lost
-        shutil.rmtree(run_dir)
-    status = seed_status(run_dir, cfg.train.epochs)
-    if status != "done":
-        if state["data"] is None:
-            state["data"] = load_data(cfg.data)
-        fit(seed_config(cfg, k), group_dir, run_dir.name, data=state["data"], resume=status == "resume",
-            overwrite=status == "new")
-    evaluate_seed(run_dir, state["data"])
-    return float(json.loads((run_dir / "test_metrics.json").read_text())["test_acc"])
+        return float(json.loads((run_dir / "test_metrics.json").read_text())["test_acc"])
 
 
 def fetch_seeds(study, group_dir: Path, log: Callable[[str], None] = print) -> list[int]:

@@ -8,6 +8,9 @@ initialisation, batch order, augmentation, dropout), and paired tests between mo
 Resumable: each seed is an ordinary run, so running the same command again skips seeds that
 finished (``summary.json`` covering all epochs), continues an interrupted one from its
 ``last.pt`` through ``fit(..., resume=True)`` and starts the rest. A larger N adds seeds.
+
+:class:`GroupRunner` trains the members of a group, here and for a study's final seeds claimed
+through a shared storage (:mod:`cifarlab.study.final`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -78,40 +82,88 @@ def prepare_group(cfg: RunConfig, group_dir: Path, seeds: int, overwrite: bool) 
          "data_seed": cfg.data.seed, "config": cfg.to_dict()}, indent=2))
 
 
+@dataclass(frozen=True)
+class Member:
+    """One run of a group: its folder under the group, its config, and how log lines name it.
+
+    A seeds group's members differ in ``train.seed`` (:func:`seed_members`); a group of K folds would
+    differ in its data section, which the runner loads once for each distinct one.
+    """
+
+    name: str
+    cfg: RunConfig
+    label: str
+
+
+def seed_members(cfg: RunConfig, seeds: int) -> list[Member]:
+    return [Member(seed_dir(Path(), k).name, seed_config(cfg, k),
+                   f"seed {k + 1}/{seeds} (train.seed={cfg.train.seed + k})") for k in range(seeds)]
+
+
+class GroupRunner:
+    """Trains the members of one group into ``group_dir``, one at a time, each an ordinary run: a finished
+    member is skipped, an interrupted one resumed from its ``last.pt``, the rest started.
+
+    Used by ``train --seeds`` (:func:`train_group`) and by a study's claimed final seeds
+    (:mod:`cifarlab.study.final`, one member per claimed trial). ``fit_fn`` defaults to
+    :func:`cifarlab.train.fit` (a wrapper may stand in for it: tests stop a member part way).
+    """
+
+    def __init__(self, group_dir: str | Path, *, data=None, quiet: bool = False, trackers: Iterable | None = None,
+                 log: Callable[[str], None] = print, fit_fn: Callable | None = None):
+        self.group_dir = Path(group_dir)
+        self.quiet, self.trackers, self.log, self.fit_fn = quiet, trackers, log, fit_fn
+        self._data, self._data_for = data, None  # the loaded data set, and the data section it was loaded for
+
+    def run(self, member: Member, *, evaluate: bool = False, note: str = "") -> dict[str, Any]:
+        """Train (or finish) one member; returns its summary. ``evaluate`` also scores it on the test set
+        (``test_logits.npz``) unless it already was."""
+        from . import fit
+
+        run_dir = self.group_dir / member.name
+        if (run_dir / "remote.json").is_file():  # fetched from another machine of a study, whose claim was lost
+            shutil.rmtree(run_dir)
+        status = seed_status(run_dir, member.cfg.train.epochs)
+        if status == "done":
+            self.log(f"{member.label} already done")
+            summary = json.loads((run_dir / "summary.json").read_text())
+        else:
+            self.log(f"{member.label} {'resuming' if status == 'resume' else 'starting'}{note}")
+            summary = (self.fit_fn or fit)(member.cfg, self.group_dir, member.name, data=self.data(member.cfg),
+                                           resume=status == "resume", overwrite=status == "new", quiet=self.quiet,
+                                           trackers=self.trackers)
+        if evaluate:
+            evaluate_seed(run_dir, self.data(member.cfg, load=False))
+        return summary
+
+    def data(self, cfg: RunConfig, load: bool = True):
+        """The data set of ``cfg``'s data section (a data set given to the runner serves every member),
+        loaded once for all the members that share it; ``None`` when not loaded and ``load`` is false."""
+        if self._data is not None and (self._data_for is None or self._data_for == cfg.data):
+            return self._data
+        if not load:
+            return None
+        from ..data import load_data
+
+        self._data, self._data_for = load_data(cfg.data), copy.deepcopy(cfg.data)
+        return self._data
+
+
 def train_group(cfg: RunConfig, out_dir: str | Path, name: str, seeds: int, *, overwrite: bool = False,
                 evaluate: bool = False, data=None, quiet: bool = False, trackers: Iterable | None = None,
                 log: Callable[[str], None] = print, fit_fn: Callable | None = None) -> list[dict[str, Any]]:
     """Train (or finish) seeds 0..seeds-1 of ``cfg`` under ``out_dir/name``; returns the summaries.
 
     ``evaluate`` scores each finished seed on the test set (``test_logits.npz``) unless it already was.
-    ``fit_fn`` defaults to :func:`cifarlab.train.fit` (the public API; a sweep-like claim wrapper may
-    stand in for it).
+    ``fit_fn``: see :class:`GroupRunner`.
     """
-    from ..data import load_data
-    from . import fit
-
-    fit_fn = fit_fn or fit
     group_dir = Path(out_dir) / name
     prepare_group(cfg, group_dir, seeds, overwrite)
-    summaries = []
-    for k in range(seeds):
-        run_dir = seed_dir(group_dir, k)
-        status = seed_status(run_dir, cfg.train.epochs)
-        remaining = seeds - k - 1
-        if status == "done":
-            log(f"group {group_dir}: seed {k + 1}/{seeds} (train.seed={cfg.train.seed + k}) already done")
-            summaries.append(json.loads((run_dir / "summary.json").read_text()))
-        else:
-            log(f"group {group_dir}: seed {k + 1}/{seeds} (train.seed={cfg.train.seed + k}) "
-                f"{'resuming' if status == 'resume' else 'starting'}; {remaining} more after it")
-            if data is None:
-                data = load_data(cfg.data)  # the same split for every seed: loaded once
-            summaries.append(fit_fn(seed_config(cfg, k), group_dir, run_dir.name, data=data,
-                                    resume=status == "resume", overwrite=status == "new", quiet=quiet,
-                                    trackers=trackers))
-        if evaluate:
-            evaluate_seed(run_dir, data)
-    return summaries
+    runner = GroupRunner(group_dir, data=data, quiet=quiet, trackers=trackers, fit_fn=fit_fn,
+                         log=lambda m: log(f"group {group_dir}: {m}"))
+    members = seed_members(cfg, seeds)
+    return [runner.run(m, evaluate=evaluate, note=f"; {len(members) - i - 1} more after it")
+            for i, m in enumerate(members)]
 
 
 def evaluate_seed(run_dir: Path, data=None) -> None:
