@@ -338,6 +338,46 @@ def test_onnx_with_tta_averages_the_views_in_the_server(trained_run, tmp_path, i
     np.testing.assert_allclose([got[c] for c in classes], probs[0], atol=1e-5)
 
 
+def test_an_onnx_server_does_not_import_pytorch(trained_run, tmp_path, images):
+    """500 MB of resident memory per worker that an ONNX server does not need (with TTA it does: evaluate's code)."""
+    import subprocess
+    import sys
+
+    fp32 = export_run(trained_run, "onnx", tmp_path)
+    (tmp_path / "a.png").write_bytes(encode(images[0]))
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from cifarlab.serve import ServeConfig, create_app
+with TestClient(create_app(ServeConfig(model={str(fp32)!r}))) as c:
+    r = c.post("/predict", content=open({str(tmp_path / "a.png")!r}, "rb").read(), headers={{"Content-Type": "image/png"}})
+    assert r.status_code == 200, r.text
+    print(r.json()["predictions"][0]["top_k"][0]["label"], "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [expected(trained_run, [images[0]])[0][0]["label"], "False"]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "P", "PA", "1", "I;16", "I", "F", "CMYK", "YCbCr"])
+def test_the_servers_conversion_is_predicts(mode):
+    """serve.inputs.to_rgb_array repeats data.folder.to_rgb_array (which imports PyTorch): the same arrays."""
+    from cifarlab.data.folder import to_rgb_array as reference
+    from cifarlab.serve.inputs import to_rgb_array
+
+    rng = np.random.default_rng(3)
+    base = Image.fromarray(rng.integers(0, 256, (45, 37, 4), dtype=np.uint8), "RGBA")
+    im = base.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE) if mode in ("P", "PA") else base
+    if mode == "PA":
+        im = im.convert("PA")
+    elif mode != "P":
+        im = im.convert(mode)
+    if mode == "P":
+        im.info["transparency"] = 3
+    for size in (32, 45):
+        np.testing.assert_array_equal(to_rgb_array(im.copy(), size), reference(im.copy(), size))
+
+
 # --------------------------------------------------------------------------- CLI errors
 @pytest.mark.parametrize("args, message", [
     (["serve", "{tmp}/missing"], "not found"),

@@ -38,15 +38,13 @@ class Backend:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        from ..evaluation.inference import TTA_VIEWS
-
         m = self.meta
         return {"model": m.get("model"), "hparams": m.get("hparams") or {}, "format": self.kind,
                 "file": self.source.name, "classes": self.classes, "num_classes": len(self.classes),
                 "input": {"image_size": self.image_size, "channels": 3, "color": "RGB",
                           "resize": "bicubic to image_size x image_size, transparency on black"},
                 "normalization": {"mean": m.get("mean"), "std": m.get("std")},
-                "tta": self.tta, "tta_views": TTA_VIEWS[self.tta], "accuracy": self.accuracy}
+                "tta": self.tta, "tta_views": tta_views(self.tta), "accuracy": self.accuracy}
 
 
 class TorchBackend(Backend):
@@ -98,14 +96,24 @@ class OnnxBackend(Backend):
         return torch.from_numpy(self.session.run(["logits"], {"image": x.contiguous().numpy()})[0])
 
     def logits(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0  # (N, 3, S, S) in [0, 1]
+        if self.tta == "none":  # NumPy only: PyTorch is not even imported
+            return self.session.run(["logits"], {"image": x})[0]
         import torch
 
         from ..evaluation.inference import tta_logits
 
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, S, S) in [0, 1]
-        if self.tta == "none":
-            return self._run(x).numpy()
-        return tta_logits(self._run, x, self.tta).numpy()  # flips and shifts commute with the normalization
+        # evaluate's own TTA code around the ONNX graph; flips and shifts commute with the normalization inside it
+        return tta_logits(self._run, torch.from_numpy(x), self.tta).numpy()
+
+
+def tta_views(tta: str) -> int:
+    """Forward passes per image (``evaluation.inference.TTA_VIEWS``), imported only when there is TTA."""
+    if tta == "none":
+        return 1
+    from ..evaluation.inference import TTA_VIEWS
+
+    return TTA_VIEWS[tta]
 
 
 def _onnx_meta(path: Path, session) -> dict:
