@@ -15,7 +15,8 @@ import torch.nn as nn
 from ..config import RunConfig, load_config
 from ..data.loader import Normalize
 from ..errors import CifarlabError
-from ..models import build_model, create_for_input
+from ..models import create_for_input
+from ..models.pretrained import input_size
 from ..train.checkpoint import load_into, load_weights
 from ..train.runtime import Runtime, resolve_device, setup_runtime
 
@@ -44,7 +45,7 @@ def load_model(path: str | Path, device: str = "auto", *, as_trained: bool = Fal
     ``config.yaml``) or a ``.safetensors`` file with its ``.json`` sidecar (an export).
 
     The sidecar alone is enough to rebuild the model. A run directory adds its config, which then decides the
-    architecture (:func:`cifarlab.models.build_model`, as training built it) and must name the sidecar's model.
+    architecture (the model's name and hyperparameters, as training built it) and must name the sidecar's model.
     ``as_trained``: run it as the run was trained (the config's device, precision and memory format; a run
     directory is required), as ``cifarlab evaluate`` does. Otherwise fp32 in the default memory format on
     ``device``: ``predict`` and ``export``, whose predictions are few and whose exact probabilities matter more
@@ -67,11 +68,14 @@ def load_model(path: str | Path, device: str = "auto", *, as_trained: bool = Fal
     if cfg is not None:
         if meta["model"] != cfg.model.name:
             raise CifarlabError(f"{weights} holds a {meta['model']!r} model, config says {cfg.model.name!r}")
-        model = build_model(cfg, int(meta["num_classes"]))
+        name, params, image_size = cfg.model.name, cfg.model.params, cfg.data.image_size
+        # The sidecar's input size is what training used, also where a fine-tuned run's starting weights
+        # (which input_size(cfg) reads) are no longer on this machine.
+        size = int(meta.get("input_size") or input_size(cfg))
     else:
-        image_size = int(meta["image_size"])  # a pretrained model's input_size: it resizes the images itself
-        model = create_for_input(meta["model"], int(meta["num_classes"]), dict(meta.get("hparams") or {}),
-                                 int(meta.get("input_size") or image_size), image_size)
+        name, params, image_size = meta["model"], dict(meta.get("hparams") or {}), int(meta["image_size"])
+        size = int(meta.get("input_size") or image_size)  # a pretrained model's: it resizes the images itself
+    model = create_for_input(name, int(meta["num_classes"]), params, size, image_size)
     load_into(model, tensors, str(weights))
     if as_trained:
         if device != "auto":
