@@ -122,6 +122,8 @@ class TrainConfig:
     log_every: int = 20  # steps between progress-bar updates (each costs one host sync)
     freeze_epochs: int = 0  # fine-tuning: train only the head for this many epochs, then everything
     freeze_bn: bool = False  # fine-tuning: BatchNorm layers keep their running statistics (eval mode) all run
+    early_stop: int = 0  # stop after this many validations without a gain of early_stop_min_delta (0 = off)
+    early_stop_min_delta: float = 0.0  # the validation accuracy gain that counts as one
 
 
 _MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"params"}  # model keys that are not builder kwargs
@@ -288,6 +290,15 @@ class RunConfig:
         _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
         _check(0 <= t.freeze_epochs <= t.epochs, "train.freeze_epochs", t.freeze_epochs, "must be in [0, train.epochs]")
         _check(o.backbone_lr_scale >= 0, "optim.backbone_lr_scale", o.backbone_lr_scale, "must be >= 0")
+        _check(t.early_stop >= 0, "train.early_stop", t.early_stop, "must be >= 0 (validations of patience; 0 = off)")
+        _check(0 <= t.early_stop_min_delta < 1, "train.early_stop_min_delta", t.early_stop_min_delta,
+               "must be in [0, 1)")
+        # A decay schedule (cosine, linear, onecycle) is sized to train.epochs: its best epochs are its last, at
+        # a small lr, so a run stopped mid-way compares weights trained at a high lr against the end it never
+        # reached. Stopping early is sound where the lr does not depend on the run's length.
+        _check(not t.early_stop or o.schedule in ("constant", "exponential"), "train.early_stop", t.early_stop,
+               f"is unsound with optim.schedule={o.schedule} (its decay is sized to train.epochs, so a stopped run "
+               f"ends at a high lr); use constant or exponential")
 
         from .models import model_defaults, validate_model_params  # late import: models import torch
 

@@ -127,6 +127,35 @@ class BestWeights(Callback):
                              weights_meta(parts, row["epoch"], row["val_acc"]))
 
 
+class EarlyStop(Callback):
+    """``train.early_stop``: end the run after that many validations in a row without a gain of at least
+    ``train.early_stop_min_delta`` over the best so far. Read from the history alone, so a resumed run counts
+    as the uninterrupted one did; the reason goes to the summary."""
+
+    def epoch_end(self, parts: Parts, state: TrainState, row: dict) -> None:
+        t = parts.cfg.train
+        if not t.early_stop or row["val_acc"] == "" or row["epoch"] >= t.epochs:
+            return
+        if (reason := early_stop_reason(state.history, t.early_stop, t.early_stop_min_delta)):
+            state.stop_reason = reason
+
+
+def early_stop_reason(history: list[dict], patience: int, min_delta: float) -> str:
+    """Why to stop now, or "": the validations since the last one that beat the best before it by
+    ``min_delta`` number ``patience`` or more."""
+    accs = [(r["epoch"], float(r["val_acc"])) for r in history if r.get("val_acc") not in ("", None)]
+    best, best_epoch, since = -1.0, 0, 0
+    for epoch, acc in accs:
+        if acc > best + min_delta or best < 0:
+            best, best_epoch, since = max(best, acc), epoch, 0
+        else:
+            since += 1
+    if since >= patience:
+        return (f"early stop: {since} validation(s) without a gain of {min_delta:g} over {best:.4f} "
+                f"(epoch {best_epoch}); train.early_stop={patience}")
+    return ""
+
+
 class MetricsCSV(Callback):
     def epoch_end(self, parts: Parts, state: TrainState, row: dict) -> None:
         if dist.is_main():
@@ -191,8 +220,8 @@ class OnEpochEnd(Callback):
 def default_callbacks(guard: SignalGuard, log: Callable[[str], None], trackers: Iterable[Tracker] | None,
                       on_epoch_end: Callable[[int, dict], None] | None) -> list[Callback]:
     ckpt = Checkpoint()
-    cbs = [Freezing(), StopOnSignal(guard, ckpt, log), BestWeights(), MetricsCSV(), TrackerLog(trackers), ckpt,
-           LogLine(log)]
+    cbs = [Freezing(), StopOnSignal(guard, ckpt, log), BestWeights(), EarlyStop(), MetricsCSV(), TrackerLog(trackers),
+           ckpt, LogLine(log)]
     return cbs + ([OnEpochEnd(on_epoch_end)] if on_epoch_end is not None else [])
 
 

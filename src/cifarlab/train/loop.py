@@ -220,7 +220,7 @@ def run_epochs(parts: Parts, state: TrainState, callbacks: Iterable[Callback]) -
         for cb in callbacks:
             cb.step_end(parts, state, step)
 
-    while state.epoch < t.epochs:
+    while state.epoch < t.epochs and not state.stop_reason:
         epoch, t0 = state.epoch, time.perf_counter()
         for cb in callbacks:
             cb.epoch_start(parts, state, epoch)
@@ -323,9 +323,12 @@ def summarize(parts: Parts, state: TrainState, log: Log = lambda s: None) -> dic
         "train_images": len(data.train_x), "val_images": len(data.val_x), "classes": data.classes,
         "skipped_images": data.skipped, "skipped_batches": state.skipped_batches,
         "data_source": data.source, "val_tta": "none", "test_tta": t.tta,
+        "stopped_early": state.stop_reason or None,
     }
     if dist.is_main():
         atomic_write_text(parts.run_dir / "summary.json", json.dumps(summary, indent=2))
+        if state.stop_reason:
+            log(f"{state.stop_reason}: stopped after epoch {state.epoch} of {t.epochs}")
         best = summary["best_val_acc"] if summary["best_val_acc"] is not None else float("nan")
         log(f"done: best val acc {best:.4f} (epoch {state.best_epoch}, no tta; evaluate uses tta {t.tta}) "
             f"in {state.train_seconds:.0f}s -> {parts.run_dir}")

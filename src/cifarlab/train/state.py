@@ -47,6 +47,7 @@ class TrainState:
     skipped_batches: int = 0
     history: list[dict] = field(default_factory=list)
     partial: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, seen so far this epoch
+    stop_reason: str = ""  # why the run ended before train.epochs (early stopping), "" when it did not
     # The running epoch's sums (loss, correct, seen) as device tensors, read only at log points and checkpoints.
     running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = _transient()
     # First step (1-based) of the running epoch with a non-finite loss, 0 = none; a device tensor (no sync).
