@@ -32,7 +32,7 @@ from cifarlab.config import RunConfig  # noqa: E402
 from cifarlab.data.dataset import load_data  # noqa: E402
 from cifarlab.data.loader import DeviceBatches  # noqa: E402
 from cifarlab.train.checkpoint import load_checkpoint  # noqa: E402
-from cifarlab.train.loop import build_model  # noqa: E402
+from cifarlab.models import build_model  # noqa: E402
 from cifarlab.train.optim import build_optimizer  # noqa: E402
 from cifarlab.train.runtime import setup_runtime  # noqa: E402
 

@@ -21,10 +21,9 @@ from safetensors.torch import save_file
 from cifarlab.cli.main import main
 from cifarlab.config import load_config
 from cifarlab.errors import CheckpointError, ConfigError
-from cifarlab.models import classifier_name, create_model
+from cifarlab.models import build_model, classifier_name, create_model
 from cifarlab.models.pretrained import (input_norm, input_size, load_initial_weights, timm_cache_file,
                                         torchvision_cache_file)
-from cifarlab.train.loop import build_model
 
 from .conftest import REPO, tiny_overrides
 

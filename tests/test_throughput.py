@@ -14,7 +14,7 @@ from .conftest import REPO, load_benchmark
 def test_timm_peer_has_the_shape_of_cifarlabs_vit():
     pytest.importorskip("timm")
     from cifarlab.config import load_config
-    from cifarlab.train.loop import build_model
+    from cifarlab.models import build_model
 
     bench = load_benchmark("throughput")
     cfg = load_config(REPO / "configs" / "vit.yaml", ["data.image_size=32"])

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
           f"pip install 'cifarlab[timm]')")
     if args.config:
         from ..config import load_config
-        from ..train.loop import build_model
+        from ..models import build_model
 
         cfg = load_config(args.config)
         print(f"\n{args.config}: {cfg.model.name} {count_parameters(build_model(cfg, 10)):,} parameters")
