@@ -1,6 +1,6 @@
 """Inference on a CPU: PyTorch eager against fp32 ONNX and int8 ONNX (ONNX Runtime), per model, in one process.
 
-    python benchmarks/inference.py --run cnn=runs/cnn --run resnet18=runs/r18 --run speednet=runs/sn --run vit=runs/vit
+    python benchmarks/inference.py --run cnn=runs/cnn --run resnet18=runs/r18 --run speednet=runs/sn --run vit=runs/v
     python benchmarks/inference.py --epochs 10 --out bench-inference   # trains the runs it is not given, then measures
     python benchmarks/inference.py --quick                             # tiny runs, a few repetitions: checks it works
 
@@ -15,13 +15,13 @@ For each model (cnn, resnet18, speednet, vit; ``--models`` picks), from one trai
 Each gets: the latency of one image (p50 and p99 over ``--reps`` single-image calls, after a warm-up), images/s at
 batch 64 (``--batch``; the mean over at least ``--seconds`` of back-to-back batches), the accuracy on the run's test
 split (``--test-images`` of them drawn at random, seeded; one view, no TTA, the same images for all three) and the
-file size (the run's ``best.safetensors`` for pytorch). PyTorch and ONNX Runtime get the same thread count (``--threads``,
-default all cores; one inter-op thread). The input is the run's test images, as float32 in [0, 1].
+file size (the run's ``best.safetensors`` for pytorch). PyTorch and ONNX Runtime get the same thread count
+(``--threads``, default all cores; one inter-op thread). The input is the run's test images, float32 in [0, 1].
 
-A model without ``--run NAME=RUN_DIR`` is trained first into ``--out/runs/NAME`` with its recipe
-(configs/cnn.yaml, resnet18.yaml, speedrun-cpu.yaml, vit.yaml) for ``--epochs`` (default: the recipe's), on
-``--data`` (default $CIFARLAB_DATA, else CIFAR-10); a run already there is reused. ``--quick`` trains tiny runs
-(1,000 training images, one epoch) and measures briefly: it checks the script, its numbers mean nothing.
+A model without ``--run NAME=RUN_DIR`` is trained first into ``--out/runs/NAME`` with its recipe (``--recipe
+NAME=YAML``, default configs/cnn.yaml, resnet18.yaml, speedrun-cpu.yaml, vit.yaml) for ``--epochs`` (default: the
+recipe's), on ``--data`` (default $CIFARLAB_DATA, else CIFAR-10); a run already there is reused. ``--quick`` trains
+tiny runs (1,000 training images, one epoch) and measures briefly: it checks the script, its numbers mean nothing.
 
 The issue's target: int8 at least 2x the fp32 ONNX images/s at batch 64, within 0.5 points of its accuracy, for
 cnn, resnet18 and speednet (``target`` in the output). The last line printed is JSON:
@@ -53,6 +53,9 @@ RUNTIMES = ("pytorch", "onnx-fp32", "onnx-int8")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR", help="a trained run of a model")
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME=YAML",
+                   help="the config that trains a model not given by --run (default: configs/cnn.yaml, "
+                        "resnet18.yaml, speedrun-cpu.yaml, vit.yaml)")
     p.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--out", default="bench-inference", help="exports (and runs it trains) go here")
     p.add_argument("--data", help="data for the runs it trains (default: $CIFARLAB_DATA, else cifar10)")
@@ -108,8 +111,12 @@ def train_run(name: str, args) -> Path:
         overrides += ["data.train_size=1000", "train.epochs=1", "train.val_every=1"]
         if name == "vit":  # the study's ViT takes minutes per epoch on a CPU even for 1,000 images
             overrides += ["model.patch_size=4", "model.num_encoder_layers=2"]
-    cfg = load_config(REPO / "configs" / RECIPES[name], overrides)
-    print(f"{name}: training {RECIPES[name]} for {cfg.train.epochs} epochs into {run_dir}", file=sys.stderr)
+    recipes = dict(item.split("=", 1) for item in args.recipe if "=" in item)
+    recipe = Path(recipes.get(name, REPO / "configs" / RECIPES[name]))
+    cfg = load_config(recipe, overrides)
+    if cfg.model.name != name:
+        sys.exit(f"{recipe} trains {cfg.model.name!r}, not {name!r}")
+    print(f"{name}: training {recipe} for {cfg.train.epochs} epochs into {run_dir}", file=sys.stderr)
     fit(cfg, run_dir.parent, name, overwrite=True, quiet=True)
     return run_dir
 

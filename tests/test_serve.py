@@ -349,8 +349,9 @@ def test_an_onnx_server_does_not_import_pytorch(trained_run, tmp_path, images):
 import sys
 from fastapi.testclient import TestClient
 from cifarlab.serve import ServeConfig, create_app
+image = open({str(tmp_path / "a.png")!r}, "rb").read()
 with TestClient(create_app(ServeConfig(model={str(fp32)!r}))) as c:
-    r = c.post("/predict", content=open({str(tmp_path / "a.png")!r}, "rb").read(), headers={{"Content-Type": "image/png"}})
+    r = c.post("/predict", content=image, headers={{"Content-Type": "image/png"}})
     assert r.status_code == 200, r.text
     print(r.json()["predictions"][0]["top_k"][0]["label"], "torch" in sys.modules)
 """
