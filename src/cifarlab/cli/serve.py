@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="request body limit in MiB (default: 10)")
     p.add_argument("--max-pixels", type=int, default=25_000_000, metavar="N",
                    help="pixels per image, checked before decoding (default: 25,000,000)")
+    p.add_argument("--decode-threads", type=int, default=0, metavar="N",
+                   help="images decoded at a time, which bounds their memory (default: the number of cores)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes per image unless ?top_k= (default: 5)")
     p.add_argument("--tta", choices=["none", "flip", "flip_translate"],
                    help="test-time augmentation (default: the run's, as cifarlab predict; none for an ONNX file)")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServeConfig(model=args.model, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
                       device=args.device, tta=args.tta, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_images=args.max_images, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                      top_k=args.top_k, token=token).validate()
+                      top_k=args.top_k, decode_threads=args.decode_threads, token=token).validate()
     if args.graceful_timeout <= 0:
         raise CifarlabError(f"--graceful-timeout must be > 0, got {args.graceful_timeout}")
     require_serve()
