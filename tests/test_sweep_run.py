@@ -5,8 +5,6 @@ import csv
 import json
 import os
 import signal
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -332,25 +330,42 @@ def test_failing_trial_counts_and_is_reported(small_folder, tmp_path):
 
 
 def test_wandb_offline_logging(small_folder, tmp_path, monkeypatch):
-    log = []
+    """Each trial is a W&B run, logged through cifarlab.trackers by the real library in offline mode (no
+    network): under the sweep directory, grouped by study, with the drawn values, every epoch and the state
+    the trial ended in; read back from the offline run files."""
+    from .test_trackers import _wandb_history, wandb_file_records
 
-    class Run:
-        summary = {}
-
-        def log(self, d, step):
-            log.append(("log", step, sorted(d)))
-
-        def finish(self, exit_code):
-            log.append(("finish", exit_code))
-
-    fake = types.SimpleNamespace(init=lambda **kw: log.append(("init", kw["mode"], kw["name"])) or Run())
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    f = write_sweep(tmp_path / "s.yaml", name="wb", method="random", run_cap=1,
-                    parameters={"optim.lr": {"values": [0.003]}})
-    run_sweep(f, out=tmp_path, wandb=True, quiet=True, overrides=tiny(small_folder, **{"train.epochs": 2}))
-    assert log[0] == ("init", "offline", "trial-0000")
-    assert [e[1] for e in log if e[0] == "log"] == [1, 2] and "val_acc" in log[1][2]
-    assert log[-1] == ("finish", 0)
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_PROJECT", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+    f = write_sweep(tmp_path / "s.yaml", name="wb", method="grid",  # the second diverges: a failed trial
+                    parameters={"optim.lr": {"values": [0.003, 1.0e30]}})
+    summary = run_sweep(f, out=tmp_path, wandb=True, quiet=True,
+                        overrides=tiny(small_folder, **{"train.epochs": 2}))
+    assert summary["states"] == {"COMPLETE": 1, "FAIL": 1}
+    runs = {}
+    for run_file in sorted((Path(summary["sweep_dir"]) / "wandb").glob("offline-run-*/run-*.wandb")):
+        records = wandb_file_records(run_file)
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        config = {i.key: json.loads(i.value_json) for i in run.config.update}
+        summary_items = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+                         for i in r.summary.update}
+        (exit_code,) = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+        runs[config["sweep_params"]["optim.lr"]] = (run, config, summary_items, exit_code, _wandb_history(records))
+    assert set(runs) == {0.003, 1.0e30}
+    for run, config, _, _, _ in runs.values():
+        assert (run.project, run.run_group, run.job_type) == ("wb", "wb", "sweep-trial")
+        assert run.display_name in ("trial-0000", "trial-0001") and config["optim"]["lr"] in runs
+    _, _, state, exit_code, history = runs[0.003]
+    assert state["trial_state"] == "complete" and exit_code == 0
+    assert [h["epoch"] for h in history if "val_acc" in h] == [1, 2]
+    _, _, state, exit_code, _ = runs[1.0e30]
+    assert state["trial_state"] == "failed" and exit_code == 1
+    assert not (home / "wandb_dir").exists() or not any((home / "wandb_dir").rglob("*.wandb"))
 
 
 def test_rerun_with_another_sweep_under_the_same_name_is_refused(small_folder, tmp_path):

@@ -64,29 +64,33 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _wandb_records(run_dir: Path) -> list:
-    """Every record of the run's offline ``.wandb`` files: a file header (":W&B", magic, version), then
-    32 KiB blocks of chunks (crc32 uint32, length uint16, type uint8: 1 full, 2 first, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
+    """Every record of the run's offline ``.wandb`` files."""
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert files, "no offline W&B run files"
+    return [r for f in files for r in wandb_file_records(f)]
+
+
+def wandb_file_records(f: Path) -> list:
+    """The records of one ``.wandb`` file: a file header (":W&B", magic, version), then 32 KiB blocks of
+    chunks (crc32 uint32, length uint16, type uint8: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
     records = []
-    for f in files:
-        data = f.read_bytes()
-        assert data[:4] == b":W&B"
-        pos, partial = 7, b""
-        while pos + 7 <= len(data):
-            left = 32768 - pos % 32768
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if left < 7 or (kind == 0 and length == 0):  # block trailer or zero padding
-                pos += left
-                continue
-            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-            partial = chunk if kind in (1, 2) else partial + chunk
-            if kind in (1, 4):
-                rec = pb.Record()
-                rec.ParseFromString(partial)
-                records.append(rec)
+    data = f.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, partial = 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (kind == 0 and length == 0):  # block trailer or zero padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        partial = chunk if kind in (1, 2) else partial + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(partial)
+            records.append(rec)
     return records
 
 
@@ -223,3 +227,28 @@ def test_wandb_is_offline_unless_a_login_is_configured(tmp_path):
     assert wandb_mode({**home, "NETRC": str(netrc), "WANDB_MODE": "offline"}) == "offline"
     # A login for another W&B server does not count for this one.
     assert wandb_mode({**home, "NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example.org"}) == "offline"
+
+
+def test_tags_reach_every_tracker(runs):
+    """``Trackers.finish(tags=...)`` (a sweep trial's ``trial_state``): an MLflow tag, TensorBoard text, a W&B
+    summary entry; a pruned trial is not a failed run."""
+    run_dir = runs / "tagged"
+    run_dir.mkdir()
+    with Trackers(ALL) as trackers:
+        for t in trackers:
+            t.start(run_dir, {"model": {"name": "cnn"}}, resumed=False)
+        trackers.finish(failed=False, tags={"trial_state": "pruned"})
+    assert all(t.run_dir is None for t in trackers)  # finished once: the context's exit does nothing more
+    _, run = _mlflow_run(runs, "tagged")
+    assert run.data.tags["trial_state"] == "pruned" and run.info.status == "FINISHED"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert acc.Tensors("trial_state/text_summary")[0].tensor_proto.string_val[0].decode() == "pruned"
+    records = _wandb_records(run_dir)
+    summary = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+               for i in r.summary.update}
+    assert summary["trial_state"] == "pruned"
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import CifarlabError, ConfigError
-from .objective import Worker, wandb_module
+from .objective import Worker
 from .spec import base_config, load_sweep_file, parse_sweep
 from .storage import (DEFAULT_HEARTBEAT, check_same_sweep, counted, default_storage, free_study_name, make_pruner,
                       open_storage, redact)
@@ -34,16 +34,15 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
     all invocations: running again with the same budget finishes what an interrupted run left.
     A study is continued only with the same sweep and the same base config; with another base
     it is refused, or with ``new_study`` a new study (``NAME-2``, ``NAME-3``, ...) is started.
-    ``trackers``: ``wandb`` (as ``wandb=True``), ``mlflow``, ``tensorboard``, one tracker run per trial.
+    ``trackers``: ``wandb`` (as ``wandb=True``), ``mlflow``, ``tensorboard``, one tracker run per trial
+    (:mod:`cifarlab.trackers`; W&B logs offline under the sweep directory, one group per study).
     """
     import optuna
 
     from ..trackers import Trackers
 
-    trackers = list(dict.fromkeys(trackers or []))
-    wandb = wandb or "wandb" in trackers
-    others = tuple(t for t in trackers if t != "wandb")
-    Trackers(list(others))  # a missing extra fails here, before anything is written
+    trackers = list(dict.fromkeys([*(trackers or []), *(["wandb"] if wandb else [])]))
+    Trackers(trackers)  # a missing extra fails here, before anything is written
 
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -54,8 +53,6 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
     base = base_config(raw, sweep_file, config, overrides)
     spec = parse_sweep(raw, base)
     make_pruner(spec, base)  # its own checks, before anything is written
-    if wandb:
-        wandb_module()
     name = study or spec.name or Path(sweep_file).stem
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"study name {name!r} may only use letters, digits, '.', '_' and '-'")
@@ -99,7 +96,7 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
     atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
 
     run = Worker(spec=spec, base=base, storage=url, study=name, sweep_dir=str(sweep_dir.resolve()), budget=int(budget),
-                 heartbeat=heartbeat, seed=seed, wandb=wandb, trackers=others, threads=worker_threads(workers),
+                 heartbeat=heartbeat, seed=seed, trackers=tuple(trackers), threads=worker_threads(workers),
                  quiet=quiet)
     if not quiet:
         print(f"sweep {name}: {spec.method}, {len(spec.params)} parameters, budget {budget} trials, "

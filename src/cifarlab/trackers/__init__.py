@@ -17,6 +17,8 @@ Usage::
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import (EPOCH_METRICS, SUMMARY_METRICS, TEST_METRICS, TRACKER_NAMES, Tracker,  # noqa: F401
                    TrackerError, epoch_metrics, flatten_config)
 from .mlflow_tracker import MlflowTracker
@@ -27,12 +29,15 @@ _CLASSES = {"wandb": WandbTracker, "mlflow": MlflowTracker, "tensorboard": Tenso
 
 
 class Trackers(list):
-    """The trackers named on the command line; a context manager that finishes them (as failed on an error)."""
+    """The trackers named on the command line; a context manager that finishes them (as failed on an error).
 
-    def __init__(self, names: list[str] | None = None):
+    ``options`` maps a tracker's name to keyword arguments of its class (a sweep's W&B project and group).
+    """
+
+    def __init__(self, names: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None):
         super().__init__()
         for name in dict.fromkeys(names or []):  # a repeated --tracker counts once
-            self.append(create_tracker(name))
+            self.append(create_tracker(name, **(options or {}).get(name, {})))
 
     def __enter__(self) -> "Trackers":
         return self
@@ -40,17 +45,19 @@ class Trackers(list):
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(failed=exc_type is not None)
 
-    def finish(self, failed: bool = False) -> None:
+    def finish(self, failed: bool = False, tags: dict[str, str] | None = None) -> None:
         for tracker in self:
             if tracker.run_dir is None:  # never started: another rank, or the run failed before starting
                 continue
+            if tags:
+                tracker.log_tags(tags)
             if not failed:
                 tracker.log_outputs()
             tracker.finish(failed)
             tracker.run_dir = None
 
 
-def create_tracker(name: str) -> Tracker:
+def create_tracker(name: str, **options: Any) -> Tracker:
     if name not in _CLASSES:
         raise TrackerError(f"unknown tracker {name!r}; choose from {', '.join(TRACKER_NAMES)}")
-    return _CLASSES[name]()
+    return _CLASSES[name](**options)

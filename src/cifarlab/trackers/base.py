@@ -49,6 +49,10 @@ class Tracker:
     def log_figures(self, paths: list[Path]) -> None:
         raise NotImplementedError
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        """Text facts about the run (a sweep trial's ``trial_state``)."""
+        raise NotImplementedError
+
     def finish(self, failed: bool = False) -> None:
         raise NotImplementedError
 

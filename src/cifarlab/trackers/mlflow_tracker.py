@@ -77,5 +77,9 @@ class MlflowTracker(Tracker):
         for p in paths:
             self.client.log_artifact(self.run_id, str(p), artifact_path="report")
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
     def finish(self, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")

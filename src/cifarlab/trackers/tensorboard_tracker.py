@@ -48,6 +48,10 @@ class TensorBoardTracker(Tracker):
                 self.writer.add_image(f"report/{p.stem}", np.asarray(im.convert("RGB")), global_step=0,
                                       dataformats="HWC")
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.writer.add_text(k, v, global_step=0)
+
     def finish(self, failed: bool = False) -> None:
         self.writer.close()
 

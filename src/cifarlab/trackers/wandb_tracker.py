@@ -37,8 +37,18 @@ def wandb_mode(environ: Mapping[str, str] | None = None) -> str:
 
 
 class WandbTracker(Tracker):
+    """One W&B run per training run. The options replace the defaults where given: a sweep logs each trial
+    offline under the sweep directory (``dir``), grouped by study (``project``, ``group``, ``job_type``),
+    with the trial's drawn values added to its config (``config``)."""
+
     name = "wandb"
     module = "wandb"
+
+    def __init__(self, *, project: str | None = None, group: str | None = None, job_type: str | None = None,
+                 mode: str | None = None, dir: str | Path | None = None, config: dict[str, Any] | None = None):
+        super().__init__()
+        self.project, self.group, self.job_type, self.mode, self.dir = project, group, job_type, mode, dir
+        self.extra_config = dict(config or {})
 
     def start(self, run_dir: Path, config: dict[str, Any], resumed: bool) -> None:
         import wandb
@@ -47,8 +57,10 @@ class WandbTracker(Tracker):
         run_id = self._ids().get(self.name) if resumed else None
         try:
             self.run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_dir.name, dir=str(run_dir),
-                config=config, mode=wandb_mode(), id=run_id, resume="allow" if run_id else None,
+                project=self.project or os.environ.get("WANDB_PROJECT") or PROJECT, group=self.group,
+                job_type=self.job_type, name=run_dir.name, dir=str(self.dir or run_dir),
+                config={**config, **self.extra_config}, mode=self.mode or wandb_mode(), id=run_id,
+                resume="allow" if run_id else None,
                 settings=wandb.Settings(console="off", quiet=True))  # keep stdout to cifarlab's own progress lines
         except Exception as e:  # wandb raises its own errors for a bad login, network, mode ...
             raise TrackerError(f"wandb could not start: {e}") from None
@@ -68,6 +80,9 @@ class WandbTracker(Tracker):
         import wandb
 
         self.run.log({f"report/{p.stem}": wandb.Image(str(p)) for p in paths})
+
+    def log_tags(self, tags: dict[str, str]) -> None:
+        self.run.summary.update(tags)
 
     def finish(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
