@@ -267,7 +267,7 @@ def calibration_images(train_x, n: int = CALIBRATION_IMAGES, seed: int = 0) -> t
     """``n`` training images drawn at random (seeded: the same run gives the same int8 file), uint8."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train_x), generator=g)[:n].sort().values
-    return torch.stack([train_x[int(i)] for i in idx]) if len(idx) else train_x[:0]
+    return train_x[idx]  # a tensor or a streamed split (HostImages): both gather rows by an index tensor
 
 
 def test_subset(data, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +276,7 @@ def test_subset(data, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor
     if not n or n >= len(data.test_y):
         return data.test_x[:len(data.test_y)], data.test_y  # a slice gathers a streamed split (HostImages)
     idx = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return torch.stack([data.test_x[int(i)] for i in idx]), data.test_y[idx]
+    return data.test_x[idx], data.test_y[idx]
 
 
 def export_int8(run_dir: str | Path, fp32_path: str | Path, data=None, data_path: str | None = None,
