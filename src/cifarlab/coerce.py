@@ -84,3 +84,22 @@ def coerce_like(name: str, value: Any, default: Any) -> Any:
         inner = float if inner is float else int if inner is int else inner
         return coerce(name, value, list[inner]) if inner is not Any else list(value)
     return value
+
+
+_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(name: str, value: Any) -> float:
+    """Seconds from ``600``, ``"90s"``, ``"10m"``, ``"1.5h"`` (as Ultralytics' ``time`` and ``timeout`` do);
+    a ConfigError naming ``name`` for anything else or a duration that is not positive."""
+    text = str(value).strip().lower()
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num):]
+    try:
+        seconds = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"{name}={value!r} is not a duration: give seconds or a number with s, m or h "
+                          f"(90s, 10m, 1.5h)") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive duration")
+    return seconds

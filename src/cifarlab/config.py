@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .coerce import coerce
+from .coerce import coerce, parse_duration
 from .errors import ConfigError
 
 
@@ -122,6 +122,8 @@ class TrainConfig:
     log_every: int = 20  # steps between progress-bar updates (each costs one host sync)
     freeze_epochs: int = 0  # fine-tuning: train only the head for this many epochs, then everything
     freeze_bn: bool = False  # fine-tuning: BatchNorm layers keep their running statistics (eval mode) all run
+    time_budget: str | float = ""  # train to a time budget ("" = off): seconds or 90s / 10m / 1.5h; sets steps and epochs
+    steps: int = 0  # total optimizer steps (0 = epochs x steps per epoch; the last epoch stops at it)
     early_stop: int = 0  # stop after this many validations without a gain of early_stop_min_delta (0 = off)
     early_stop_min_delta: float = 0.0  # the validation accuracy gain that counts as one
 
@@ -290,6 +292,9 @@ class RunConfig:
         _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
         _check(0 <= t.freeze_epochs <= t.epochs, "train.freeze_epochs", t.freeze_epochs, "must be in [0, train.epochs]")
         _check(o.backbone_lr_scale >= 0, "optim.backbone_lr_scale", o.backbone_lr_scale, "must be >= 0")
+        if t.time_budget:
+            parse_duration("train.time_budget", t.time_budget)
+        _check(t.steps >= 0, "train.steps", t.steps, "must be >= 0 (0: train.epochs whole epochs)")
         _check(t.early_stop >= 0, "train.early_stop", t.early_stop, "must be >= 0 (validations of patience; 0 = off)")
         _check(0 <= t.early_stop_min_delta < 1, "train.early_stop_min_delta", t.early_stop_min_delta,
                "must be in [0, 1)")

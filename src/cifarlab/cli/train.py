@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (short for --set train.precision=...)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images and count them")
     p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="also checkpoint every N steps")
+    p.add_argument("--time", metavar="DURATION", help="train to a time budget (90s, 10m, 1.5h): the steps, epochs "
+                   "and schedule are sized to it from the measured step cost (data decoding excluded); short "
+                   "for --set train.time_budget=...")
     p.add_argument("--nan-policy", choices=["stop", "skip-batch"], help="what a non-finite loss does")
     p.add_argument("--evaluate", action="store_true", help="evaluate the best weights on the test set at the end")
     p.add_argument("--report", action="store_true", help="evaluate and write the HTML report at the end")
@@ -56,7 +59,8 @@ def _run(args: argparse.Namespace, trackers) -> None:
 
     overrides = config_overrides(args)
     for flag, key in (("device", "train.device"), ("precision", "train.precision"),
-                      ("checkpoint_every_steps", "train.checkpoint_every_steps"), ("nan_policy", "train.nan_policy")):
+                      ("checkpoint_every_steps", "train.checkpoint_every_steps"), ("nan_policy", "train.nan_policy"),
+                      ("time", "train.time_budget")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.skip_bad_images:

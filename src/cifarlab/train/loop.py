@@ -32,6 +32,8 @@ from ..evaluation.inference import predict_logits
 from ..io import atomic_write_text
 from ..models import build_model, count_parameters, model_spec
 from ..models.pretrained import input_norm, load_initial_weights
+from ..coerce import parse_duration
+from . import budget
 from . import distributed as dist
 from .callbacks import (Callback, SignalGuard, default_callbacks, weights_meta, write_metrics,
                         write_metrics_header)
@@ -93,7 +95,9 @@ def setup(cfg: RunConfig, data: ImageData | None = None, *, restore: Restore | N
     if dist.world_size() > 1:
         rt.device = dist.device_for_rank(rt.device)
     seed_everything(t.seed)
+    t0 = time.perf_counter()
     data = data if data is not None else load_data(cfg.data, rt.device)
+    data_seconds = time.perf_counter() - t0
     apply_data_defaults(cfg, data)  # data.image_size from the images, when the config leaves it to them
     if data.skipped:
         log(f"skipped {data.skipped} unreadable image(s) (--skip-bad-images)")
@@ -111,16 +115,23 @@ def setup(cfg: RunConfig, data: ImageData | None = None, *, restore: Restore | N
     if restore.fresh and spec.whitening:  # data-dependent init (speednet); a resume loads it
         pick = whitening_sample(len(data.train_x), 5000, t.seed)
         model.init_whitening(batches.normalize(data.train_x[pick].to(rt.device)))
-    optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr * dist.lr_scale(cfg.optim.lr_scale_rule))
-    scheduler, per_step = build_scheduler(optimizer, cfg.optim, t.epochs, len(batches))
-    parts = Parts(cfg, spec, rt, data, model, model, batches, optimizer, scheduler, per_step)
-    parts.ema = ModelEMA(model, t.ema) if t.ema > 0 else None
-    parts.lookahead = Lookahead(model, t.lookahead, t.lookahead_every, t.epochs * len(batches)) if t.lookahead else None
+    parts = Parts(cfg, spec, rt, data, model, model, batches, None, None, False, data_seconds=data_seconds)
+    build_optimization(parts)
     parts.finetune = build_finetune(model, t)  # freeze_epochs / freeze_bn, None when off
     parts.mix = build_mix(cfg.data, data.num_classes, t.seed)  # mixup / cutmix, when configured
     if t.class_weights == "balanced":
         parts.class_weight = balanced_class_weights(data.train_y, data.num_classes).to(rt.device)
     return parts
+
+
+def build_optimization(parts: Parts) -> None:
+    """The optimizer, its schedule (to ``train.steps`` when set, else ``train.epochs``), the EMA and Lookahead."""
+    cfg, t, model, n = parts.cfg, parts.cfg.train, parts.model, len(parts.batches)
+    total = t.steps or t.epochs * n
+    parts.optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr * dist.lr_scale(cfg.optim.lr_scale_rule))
+    parts.scheduler, parts.per_step = build_scheduler(parts.optimizer, cfg.optim, t.epochs, n, total_steps=t.steps)
+    parts.ema = ModelEMA(model, t.ema) if t.ema > 0 else None
+    parts.lookahead = Lookahead(model, t.lookahead, t.lookahead_every, total) if t.lookahead else None
 
 
 def _train_batches(cfg: RunConfig, data: ImageData, rt):
@@ -205,6 +216,8 @@ def train_one_epoch(parts: Parts, state: TrainState, epoch: int,
         bar.update(1)
         if on_step is not None:
             on_step(step + 1)
+        if t.steps and state.global_step >= t.steps:  # the run's last step (train.steps): a partial last epoch
+            break
     bar.close()
     check_finite(state, epoch, t.nan_policy)
     totals = dist.all_reduce_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
@@ -236,6 +249,7 @@ def run_epochs(parts: Parts, state: TrainState, callbacks: Iterable[Callback]) -
                "val_acc": "", "lr": lr_now, "seconds": round(seconds, 3)}
         if ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs) and len(parts.data.val_x):
             row["val_loss"], row["val_acc"] = validate(parts)
+        state.wall_seconds += time.perf_counter() - t0
         state.epoch, state.step = epoch + 1, 0
         state.history.append(row)
         for cb in callbacks:
@@ -323,7 +337,8 @@ def summarize(parts: Parts, state: TrainState, log: Log = lambda s: None) -> dic
         "train_images": len(data.train_x), "val_images": len(data.val_x), "classes": data.classes,
         "skipped_images": data.skipped, "skipped_batches": state.skipped_batches,
         "data_source": data.source, "val_tta": "none", "test_tta": t.tta,
-        "stopped_early": state.stop_reason or None,
+        "stopped_early": state.stop_reason or None, "wall_seconds": round(state.wall_seconds, 2),
+        "time_budget_seconds": parse_duration("train.time_budget", t.time_budget) if t.time_budget else None,
     }
     if dist.is_main():
         atomic_write_text(parts.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -349,6 +364,7 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     Under ``torchrun`` every rank calls ``fit``; the caller ends with ``distributed.cleanup()``.
     """
     dist.init()
+    started = time.perf_counter()
     run_dir = _agreed_run_dir(out_dir, name, cfg, resume, overwrite)
     r = find_restore(run_dir, resume)
     log = (lambda *a: None) if quiet or not dist.is_main() else tqdm.write
@@ -357,6 +373,10 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     parts = setup(cfg, data, restore=r, log=log)
     parts.run_dir = run_dir
     state = restore(parts, r, log)
+    if cfg.train.time_budget and r.fresh and not cfg.train.steps:  # a resume keeps its plan (config.yaml)
+        log(f"data loaded in {parts.data_seconds:.1f}s (not counted in the time budget)")
+        state.wall_seconds = budget.plan(parts, started + parts.data_seconds, log).spent
+        build_optimization(parts)
     parts.train_model = dist.wrap_ddp(maybe_compile(parts.model, cfg.train.compile), parts.rt.device)
     open_run(parts, r, state, resume=resume, overwrite=overwrite, trackers=trackers)
     rt, data = parts.rt, parts.data

@@ -85,9 +85,10 @@ def apply_decoupled_wd(optimizer: torch.optim.Optimizer) -> None:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,
-                    steps_per_epoch: int) -> tuple[LRScheduler, bool]:
-    """Return (scheduler, per_step): per_step schedulers step every batch, the others every epoch."""
-    total = max(1, epochs * steps_per_epoch)
+                    steps_per_epoch: int, total_steps: int = 0) -> tuple[LRScheduler, bool]:
+    """Return (scheduler, per_step): per_step schedulers step every batch, the others every epoch.
+    ``total_steps`` (``train.steps``, a time budget's) ends the schedule there instead of after ``epochs``."""
+    total = max(1, total_steps or epochs * steps_per_epoch)
     # The warm-up in steps: a share of the run (warmup_fraction, which scales with the epochs) or in epochs.
     warm = int(round(cfg.warmup_fraction * total if cfg.warmup_fraction else cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "exponential":  # the study's: lr * gamma**epoch

@@ -47,6 +47,7 @@ class TrainState:
     skipped_batches: int = 0
     history: list[dict] = field(default_factory=list)
     partial: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, seen so far this epoch
+    wall_seconds: float = 0.0  # wall-clock of the run: its epochs with validation, and a time budget's planning
     stop_reason: str = ""  # why the run ended before train.epochs (early stopping), "" when it did not
     # The running epoch's sums (loss, correct, seen) as device tensors, read only at log points and checkpoints.
     running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = _transient()
@@ -116,6 +117,7 @@ class Parts:
     mix: Callable | None = None  # mixup / cutmix
     class_weight: torch.Tensor | None = None  # (C,) loss weights on the device
     run_dir: Path | None = None
+    data_seconds: float = 0.0  # decoding / loading the data (setup): not counted in a time budget
 
     @property
     def eval_model(self) -> torch.nn.Module:
