@@ -27,6 +27,8 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.stats import binom, ttest_ind
+from scipy.stats import t as student_t
 
 from ..errors import CifarlabError
 
@@ -56,8 +58,6 @@ def _paired(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[np.ndarray, n
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any]:
     """McNemar's exact test on two models' right/wrong per test image (see the module docstring)."""
-    from scipy.stats import binom
-
     a, b = _paired(correct_a, correct_b)
     n01 = int(np.sum(~a & b))
     n10 = int(np.sum(a & ~b))
@@ -86,8 +86,6 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, *, resamples:
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
     """Mean, sample standard deviation and Student-t interval of the mean over seeds (None for n < 2)."""
-    from scipy.stats import t
-
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     n = len(x)
     if n == 0:
@@ -96,15 +94,13 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, A
     if n < 2:
         return {"n": 1, "mean": mean, "std": None, "ci_low": None, "ci_high": None, "confidence": confidence}
     std = float(x.std(ddof=1))
-    half = float(t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
+    half = float(student_t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half,
             "confidence": confidence}
 
 
 def welch(acc_a: Sequence[float], acc_b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
     """Welch's t-test and interval for the difference of mean accuracies over two sets of seeds."""
-    from scipy.stats import ttest_ind
-
     a, b = np.asarray(acc_a, dtype=np.float64), np.asarray(acc_b, dtype=np.float64)
     out: dict[str, Any] = {"n_a": len(a), "n_b": len(b), "mean_a": float(a.mean()), "mean_b": float(b.mean()),
                            "diff": float(a.mean() - b.mean()), "p_value": None, "ci_low": None, "ci_high": None,

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..io import atomic_write
+
 DPI = 110
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]  # matplotlib's tab10
@@ -24,7 +26,6 @@ def colour(i: int) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    from ..io import atomic_write  # a kill mid-write must not leave a torn PNG
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight", facecolor="white"))
     return path

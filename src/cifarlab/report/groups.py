@@ -11,11 +11,13 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..evaluation.comparison import compare_numbers
+from ..evaluation.significance import compare_pair, format_p
 from ..io import atomic_write_text
 from . import figures
 from . import html as H
 from .figures import _finite, _marker, _save, colour
-from .runs import json_safe
+from .runs import json_safe, load_entry
 
 
 # ----------------------------------------------------------------------------- figures
@@ -88,8 +90,6 @@ def _ci(lo: float | None, hi: float | None) -> str:
 def significance_table(sig: Sequence[dict[str, Any]]) -> str:
     """Every pair: accuracies, difference with its 95% interval, McNemar's n01 / n10 / p, and the verdict.
     Groups add a row per seed pair below their over-seeds row."""
-    from ..evaluation.significance import format_p
-
     header = ["A", "B", "accuracy A", "accuracy B", "A − B", "95% interval", "test", "n01 (A wrong, B right)",
               "n10 (A right, B wrong)", "p", "verdict"]
     rows = []
@@ -130,9 +130,6 @@ def spread_table(rows: Sequence[dict[str, Any]]) -> str:
 def make_group_report(group_dir: str | Path) -> Path:
     """``GROUP_DIR/report/``: the seeds table, mean and 95% interval, mean curves with a band, the seeds'
     spread, confusion matrices summed over seeds, every seed's ROC, and the significance between seeds."""
-    from ..evaluation.comparison import compare_numbers
-    from .runs import load_entry
-
     e = load_entry(group_dir)
     out = Path(group_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -159,8 +156,6 @@ def make_group_report(group_dir: str | Path) -> Path:
     figs.append(("ROC curves", figures.compare_roc(rocs, out / "roc.png"), "Macro and micro ROC curve of every seed."))
     sig = []
     if len(e.runs) > 1:  # seed k against seed 0: how much do two seeds of one config disagree?
-        from ..evaluation.significance import compare_pair
-
         sig = [compare_pair(f"seed-{e.seeds[k]}", f"seed-{e.seeds[0]}", e.runs[k].logits, e.runs[0].logits,
                             e.runs[0].labels) for k in range(1, len(e.runs))]
     result = {"group": e.name, "group_dir": str(e.path), "row": row, "significance_between_seeds": sig,

@@ -15,6 +15,7 @@ import numpy as np
 from ..config import RunConfig, load_config
 from ..errors import CifarlabError
 from ..evaluation.comparison import Entry
+from ..evaluation.evaluate import evaluate_run
 from ..evaluation.groups import finished_members, is_group
 from ..io import read_json
 
@@ -65,8 +66,6 @@ def load_run(run_dir: str | Path, evaluate_if_missing: bool = True) -> RunFiles:
             raise CifarlabError(f"{run_dir} has no test_logits.npz; run: cifarlab evaluate {run_dir}")
         if not (run_dir / "best.safetensors").is_file():
             raise CifarlabError(f"{run_dir} has neither test_logits.npz nor best.safetensors to evaluate")
-        from ..evaluation import evaluate_run
-
         print(f"{run_dir}: no test_logits.npz, evaluating the best weights on the test set first")
         evaluate_run(run_dir)
     try:

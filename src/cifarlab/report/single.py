@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data import load_data, resolve_source
 from ..errors import CifarlabError
 from ..evaluation.metrics import classification_metrics, confidently_wrong
 from ..io import atomic_write_text
@@ -29,7 +30,6 @@ def load_test_images(run: RunFiles, data_path: str | None = None) -> tuple[np.nd
 
     Never downloads: a run whose data cannot be found locally gets no image grid, not an error.
     """
-    from ..data import load_data, resolve_source
 
     cfg = copy.deepcopy(run.config.data)
     if data_path:

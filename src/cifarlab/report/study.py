@@ -16,13 +16,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 
+from ..config import load_config
+from ..evaluation.comparison import compare_numbers
 from ..io import atomic_write_text
+from ..sweep import open_study
+from ..sweep.charts import write_report
 from . import figures
 from . import html as H
+from .dataset import data_overview
 from .groups import band_curves, seeds_spread, significance_table, spread_table
-from .runs import json_safe, warn
+from .runs import json_safe, load_entries, warn
 
 TOP_TRIALS_SHOWN = 10
 
@@ -52,8 +58,6 @@ def _write_ranked(rows: list[dict[str, str]], path: Path) -> Path:
 
 
 def _sweep_section(st, out: Path, label: str) -> tuple[str, dict[str, Any]]:
-    from ..sweep.charts import write_report
-
     files = write_report(st, out)
     rows = _ranked_rows(files["csv"], st.spec.metric, st.spec.goal)
     ranked_csv = _write_ranked(rows, out / "trials_ranked.csv")
@@ -78,14 +82,7 @@ def _sweep_section(st, out: Path, label: str) -> tuple[str, dict[str, Any]]:
 
 def make_study_report(spec, state: dict[str, Any], storage: str | None = None) -> Path:
     """Write ``STUDY_DIR/report/`` (``study.html``, ``study.json``, PNGs, CSVs); return the HTML's path."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    from ..config import load_config
-    from ..evaluation.comparison import compare_numbers
-    from ..sweep import open_study
-    from .runs import load_entries
-    from .dataset import data_overview
 
     out = spec.study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
