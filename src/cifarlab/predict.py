@@ -2,13 +2,13 @@
 
 A :class:`Predictor` is rebuilt from the best weights by the loader ``evaluate`` and ``export`` use too
 (:func:`cifarlab.evaluation.loader.load_model`): ``best.safetensors`` and its ``best.json`` sidecar hold
-the model name, hyperparameters, classes, normalization and image size, so a run directory (or an exported
-``.safetensors`` with its ``.json``) is enough; the training data is not needed. Every input goes through the same conversion
-as the training images (:func:`cifarlab.data.folder.to_rgb_array`: alpha composited on
-black, grayscale and palette to RGB, bicubic resize to ``image_size``), then the same
-normalization (:class:`cifarlab.data.loader.Normalize`), so a test image scores the same here
-as in ``cifarlab evaluate``: with the same test-time augmentation, which defaults to the one
-``evaluate`` used (``test_metrics.json``, else the run's ``train.tta``; ``tta="none"`` for one view).
+the model name, hyperparameters, classes, normalization and image size, so a run directory (or an
+exported ``.safetensors`` with its ``.json``) is enough; the training data is not needed. Every input
+goes through the same conversion as the training images (:func:`cifarlab.data.folder.to_rgb_array`:
+alpha composited on black, grayscale and palette to RGB, bicubic resize to ``image_size``), then the
+same normalization (:class:`cifarlab.data.loader.Normalize`), so a test image scores the same here as
+in ``cifarlab evaluate``: with the same test-time augmentation, which defaults to the one ``evaluate``
+used (``test_metrics.json``, else the run's ``train.tta``; ``tta="none"`` for one view).
 """
 
 from __future__ import annotations
