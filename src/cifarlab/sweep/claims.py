@@ -9,7 +9,8 @@ into the storage while it holds a trial (:func:`cifarlab.sweep.storage.open_stor
 that dies leaves a RUNNING trial whose heartbeat stops, and the next one to look fails it and
 queues it again (:func:`fail_stale`). A process that is stopped (Ctrl-C, SIGTERM, or the objective
 raising :class:`StopClaiming`) gives its trial back at once: it is queued again for another process,
-or for this one run again.
+or for this one run again. While it claims, Ctrl-C and SIGTERM raise KeyboardInterrupt whatever the
+process inherited (:func:`stop_signals`), so no stop is lost.
 """
 
 from __future__ import annotations
@@ -152,13 +153,19 @@ def silence_handled(numbers: set[int]):
 
 @contextlib.contextmanager
 def stop_signals():
-    """Outside ``fit`` (which has its own guard), SIGTERM stops the loop like Ctrl-C does."""
-    try:
-        old = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    except ValueError:  # not the main thread
-        yield
-        return
+    """SIGINT and SIGTERM raise KeyboardInterrupt for as long as the block runs, whatever handlers the process
+    started with: a script's background job starts with SIGINT ignored, and ``fit``, which hands a stop that
+    came after a trial's last step back to the handler from before it, would hand it to "ignore" (the trial
+    would be kept and the next one started). Inside ``fit`` its own guard still takes them first."""
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, signal.default_int_handler)
+        except ValueError:  # not the main thread: signals go to the main thread anyway
+            break
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            if h is not None:  # None: a handler installed outside Python, which cannot be put back from here
+                signal.signal(s, h)

@@ -18,7 +18,7 @@ import signal
 import sys
 
 from ..errors import CifarlabError
-from .claims import Step, StopClaiming, claim_loop
+from .claims import Step, StopClaiming, claim_loop, stop_signals
 from .objective import Objective, Worker
 from .spec import SweepSpec
 from .storage import GRACE_FACTOR, active, counted, make_pruner, make_sampler, open_storage
@@ -107,28 +107,35 @@ def work(run: Worker) -> str:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(run.threads)
+    with stop_signals():  # for the worker's whole life: a spawned worker inherits an ignored SIGINT too
+        try:
+            study = _open_study(run)
+            end = claim_loop(study, Objective(run, study), grace=GRACE_FACTOR * run.heartbeat,
+                             poll=min(5.0, run.heartbeat), next_step=lambda trials: _next_step(run, trials))
+        except (KeyboardInterrupt, StopClaiming):
+            return "interrupted"
+    return "done" if end == "done" else "interrupted"
+
+
+def _open_study(run: Worker):
+    import optuna
+
     store = open_storage(run.storage, run.heartbeat)
     study = optuna.load_study(study_name=run.study, storage=store)
     seed = None if run.seed is None else run.seed + 7919 * run.index + len(study.get_trials(deepcopy=False))
-    study = optuna.load_study(study_name=run.study, storage=store, sampler=make_sampler(run.spec, seed),
-                              pruner=make_pruner(run.spec, run.base))
+    return optuna.load_study(study_name=run.study, storage=store, sampler=make_sampler(run.spec, seed),
+                             pruner=make_pruner(run.spec, run.base))
 
-    def next_step(trials) -> Step:
-        if run.orphaned():  # `sweep run` was killed (kill -9): its workers stop with it
-            return "stop"
-        done = sum(map(counted, trials))
-        if done >= run.budget or target_reached(run.spec, trials):
-            return "done"
-        if done + sum(map(active, trials)) >= run.budget:
-            return "wait"  # the rest of the budget is running elsewhere: wait in case a worker dies
-        return "claim"
 
-    try:
-        end = claim_loop(study, Objective(run, study), grace=GRACE_FACTOR * run.heartbeat,
-                         poll=min(5.0, run.heartbeat), next_step=next_step)
-    except (KeyboardInterrupt, StopClaiming):
-        return "interrupted"
-    return "done" if end == "done" else "interrupted"
+def _next_step(run: Worker, trials) -> Step:
+    if run.orphaned():  # `sweep run` was killed (kill -9): its workers stop with it
+        return "stop"
+    done = sum(map(counted, trials))
+    if done >= run.budget or target_reached(run.spec, trials):
+        return "done"
+    if done + sum(map(active, trials)) >= run.budget:
+        return "wait"  # the rest of the budget is running elsewhere: wait in case a worker dies
+    return "claim"
 
 
 def target_reached(spec: SweepSpec, trials) -> bool:
