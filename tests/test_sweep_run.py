@@ -395,3 +395,21 @@ def test_budget_gate_turns_away_a_trial_beyond_the_budget(tmp_path):
         Objective(run, study)(second)
     assert "skipped" in study.get_trials()[second.number].user_attrs
     assert "skipped" not in study.get_trials()[first.number].user_attrs
+
+
+def test_claiming_takes_stop_signals_whatever_was_inherited():
+    """A script's background job starts with SIGINT ignored; while a worker claims trials, SIGINT and SIGTERM
+    still raise KeyboardInterrupt (a stop fit hands back after a trial's last step is not dropped), and the
+    inherited handlers are put back afterwards."""
+    from cifarlab.sweep.claims import stop_signals
+
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with stop_signals():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                with pytest.raises(KeyboardInterrupt):
+                    signal.raise_signal(s)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in old)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
