@@ -133,6 +133,8 @@ BAD = {
                      422, "not_an_image"),
     "pdf_in_multipart": (dict(files=[("image", ("doc.pdf", b"%PDF-1.4\n%\xe2\xe3\n1 0 obj\n", "application/pdf"))]),
                          422, "not_an_image"),
+    "postscript_refused_unread": (dict(content=b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n",
+                                       headers={"Content-Type": "image/x-eps"}), 422, "not_an_image"),
     "truncated_image": (dict(content=truncated_jpeg(), headers={"Content-Type": "image/jpeg"}), 422,
                         "truncated_image"),
     "png_cut_in_its_header": (dict(content=noise_png(8)[:20], headers={"Content-Type": "image/png"}), 422,

@@ -36,8 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes per image unless ?top_k= (default: 5)")
     p.add_argument("--tta", choices=["none", "flip", "flip_translate"],
                    help="test-time augmentation (default: the run's, as cifarlab predict; none for an ONNX file)")
-    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /predict and /metadata (default: "
-                   "$CIFARLAB_SERVE_TOKEN if set, else no token)")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /predict and /metadata, at least 8 "
+                   "characters (default: $CIFARLAB_SERVE_TOKEN if set, else no token)")
     p.add_argument("--device", default="cpu", help=f"PyTorch models: {DEVICE_HELP} (default: cpu)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, metavar="S",
                    help="on Ctrl-C, seconds to wait for the requests in flight (default: 30)")
