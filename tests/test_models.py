@@ -97,3 +97,15 @@ def test_bad_hyperparameters(name, kwargs, match):
 def test_defaults_listed():
     assert "patch_size" in model_defaults("vit")
     assert "num_classes" not in model_defaults("cnn")
+
+
+def test_models_counts_a_config_whose_image_size_follows_the_data(capsys):
+    """``cifarlab models --config`` on a recipe that leaves data.image_size to the data (all shipped ones)."""
+    from cifarlab.cli.main import main
+
+    from .conftest import REPO
+
+    with pytest.raises(SystemExit) as e:
+        main(["models", "--config", str(REPO / "configs" / "cnn.yaml")])
+    assert e.value.code == 0
+    assert "cnn.yaml: cnn 2,474,058 parameters (at 32 px" in capsys.readouterr().out

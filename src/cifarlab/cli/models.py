@@ -27,5 +27,9 @@ def run(args: argparse.Namespace) -> int:
         from ..models import build_model
 
         cfg = load_config(args.config)
-        print(f"\n{args.config}: {cfg.model.name} {count_parameters(build_model(cfg, 10)):,} parameters")
+        size = cfg.data.image_size
+        if size is None:  # the data sets it when the run starts; a count needs one (the models' default)
+            cfg.data.image_size = 32
+        print(f"\n{args.config}: {cfg.model.name} {count_parameters(build_model(cfg, 10)):,} parameters"
+              f"{' (at 32 px: data.image_size follows the data)' if size is None else ''}")
     return 0
