@@ -137,7 +137,10 @@ def test_vs_airbench_end_to_end_on_a_tiny_subset(small_folder, capsys):
     assert (s_to is None) == (ratio is None)
     if s_to is not None:  # one pass each: reached means at cifarlab's only epoch end
         assert s_to == summary["cifarlab"]["train_s"]
-        assert ratio == pytest.approx(s_to / summary["airbench"]["train_s"], abs=2e-3)
+        # The seconds are rounded to 0.1 in the summary, the ratio is taken before: on a one-second run the
+        # rounding alone moves s_to / train_s by several percent, so the check bounds it by the rounding.
+        a_s = summary["airbench"]["train_s"]
+        assert (s_to - 0.05) / (a_s + 0.05) - 5e-4 <= ratio <= (s_to + 0.05) / max(a_s - 0.05, 1e-9) + 5e-4
     # both sides trained on the same 320 images: 5 steps of 64 each. airbench ends on its lookahead's slow
     # weights, updated every 5 steps: with fewer steps its final weights would be its initial ones.
     (a,), (c,) = record["airbench"], record["cifarlab"]
