@@ -40,6 +40,10 @@ class DataConfig:
     # (None: half of the device's free memory, measured at start)
     device_memory: float | None = None
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of failing
+    # Cleaning (docs/audit.md): a CSV with a path column (an edited label_issues.csv) or a text list of paths
+    # (relative to data.path; split/index for archives) whose images are dropped from every split
+    exclude: str | None = None
+    relabel: str | None = None  # a CSV path,label: corrected labels (class names)
     # Study augmentation: with probability augment_p an image gets flip + rotation + random resized crop.
     augment_p: float = 0.0  # probability, 0..1
     augment_flip: bool = True  # horizontal flip (with prob 0.5) inside the applied augmentation (was data.hflip)

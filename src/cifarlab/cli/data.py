@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if info.get("carved"):
         print("carved from the training images (seeded, stratified): "
               + ", ".join("validation" if s == "val" else s for s in info["carved"]))
+    for key, what in (("exclude", "excluded"), ("relabel", "relabelled")):
+        if key in info.get("edits", {}):
+            print(f"data.{key}: {info['edits'][key]['file']} ({info['edits'][key]['images']} images {what})")
     print(f"{'class':<14}" + "".join(f"{s:>12}" for s in splits))
     for i, c in enumerate(info["classes"]):
         print(f"{c:<14}" + "".join(f"{info['counts'][s][i]:>12}" for s in splits))

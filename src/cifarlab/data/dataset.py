@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,9 @@ class ImageData:
     source: str = ""
     skipped: int = 0
     info: dict = field(default_factory=dict)
+    # per split, the name of each image: its file (relative to data.path) for folder and labels-file data,
+    # ``split/index`` (the source's split) for archives; what data.exclude, data.relabel and the audit name
+    paths: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +129,9 @@ class SplitPlan:
     val: tuple[np.ndarray, np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray, np.ndarray]
     carved: list[str]  # the splits cut from the source's training images (for the data overview)
+    # the source split each planned split's indices point into ("train", "val" or "test")
+    origin: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+    edits: dict = field(default_factory=dict)  # what data.exclude / data.relabel changed (see apply_edits)
 
 
 def plan_splits(raw: RawData, cfg: DataConfig) -> SplitPlan:
@@ -153,7 +160,99 @@ def plan_splits(raw: RawData, cfg: DataConfig) -> SplitPlan:
         val = (raw.train_x, pool[va], raw.train_y[pool[va]])
         carved.append("val")
     train = (raw.train_x, pool[tr], raw.train_y[pool[tr]])
-    return SplitPlan(train, val, test, carved)
+    origin = {"train": "train", "val": "train" if "val" in carved else "val",
+              "test": "train" if "test" in carved else "test"}
+    return apply_edits(SplitPlan(train, val, test, carved, origin), raw, cfg)
+
+
+def source_paths(raw: RawData) -> dict[str, list[str] | None]:
+    """Per source split, the name of each image (see :attr:`ImageData.paths`); None: ``split/index``."""
+    files = raw.info.get("files") or {}
+    return {s: (files.get(s) if len(files.get(s) or ()) == len(getattr(raw, f"{s}_y")) else None)
+            for s in raw.splits()}
+
+
+def image_name(names: dict[str, list[str] | None], split: str, i: int) -> str:
+    return names[split][i] if names.get(split) is not None else f"{split}/{i}"
+
+
+def _read_edit_file(path: str, key: str, columns: tuple[str, ...]) -> list[list[str]]:
+    """Rows of a CSV with a header naming ``columns`` (other columns ignored), or, for ``data.exclude``, a
+    text list (one path a line; blank lines and ``#`` comments skipped)."""
+    import csv
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{key}: file not found: {p}")
+    try:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: cannot read {p}: {e}") from None
+    rows = list(csv.reader(lines))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if all(c in header for c in columns):
+        at = [header.index(c) for c in columns]
+        return [[r[i].strip() for i in at] for r in rows[1:] if len(r) > max(at) and r[at[0]].strip()]
+    if len(columns) == 1:
+        return [[ln.strip()] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    raise ConfigError(f"{key}: {p} must be a CSV whose header names the columns {', '.join(columns)}")
+
+
+def apply_edits(plan: SplitPlan, raw: RawData, cfg: DataConfig) -> SplitPlan:
+    """``data.exclude`` drops the images it names from every split; ``data.relabel`` gives images new labels.
+
+    Applied after the splits are planned, so the other images keep their split: a run on the cleaned data is
+    tested on the same test images, less the excluded ones. A path the data set does not hold, or a class it
+    does not have, is an error (a typo would otherwise clean nothing, silently).
+    """
+    exclude, relabel = getattr(cfg, "exclude", None), getattr(cfg, "relabel", None)
+    if not exclude and not relabel:
+        return plan
+    names = source_paths(raw)
+    index = {image_name(names, s, i): (s, i) for s in names for i in range(len(getattr(raw, f"{s}_y")))}
+    root = raw.info.get("root")
+
+    def find(key: str, path: str) -> tuple[str, int]:
+        hit = index.get(path) or index.get(path.replace("\\", "/"))
+        if hit is None and root and Path(path).is_absolute():
+            try:
+                hit = index.get(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix())
+            except ValueError:
+                pass
+        if hit is None:
+            raise ConfigError(f"{key}: {path!r} names no image of {raw.source} (paths are relative to data.path, "
+                              f"or split/index for archives)")
+        return hit
+
+    edits: dict = {}
+    drop: dict[str, set[int]] = {}
+    if exclude:
+        for (path,) in _read_edit_file(exclude, "data.exclude", ("path",)):
+            s, i = find("data.exclude", path)
+            drop.setdefault(s, set()).add(i)
+        edits["exclude"] = {"file": str(exclude), "images": sum(len(v) for v in drop.values())}
+    new: dict[str, dict[int, int]] = {}
+    if relabel:
+        classes = {c: k for k, c in enumerate(raw.classes)}
+        for path, label in _read_edit_file(relabel, "data.relabel", ("path", "label")):
+            if label not in classes:
+                raise ConfigError(f"data.relabel: {path!r}: unknown class {label!r} (classes: "
+                                  f"{', '.join(raw.classes)})")
+            s, i = find("data.relabel", path)
+            new.setdefault(s, {})[i] = classes[label]
+        edits["relabel"] = {"file": str(relabel), "images": sum(len(v) for v in new.values())}
+
+    def edit(part: tuple[np.ndarray, np.ndarray, np.ndarray], split: str):
+        x, idx, y = part
+        s = plan.origin[split]
+        y = np.array(y, np.int64)
+        for k, i in enumerate(idx.tolist()) if s in new else ():
+            y[k] = new[s].get(i, y[k])
+        keep = ~np.isin(idx, np.fromiter(drop.get(s, ()), np.int64))
+        return x, idx[keep], y[keep]
+
+    return SplitPlan(edit(plan.train, "train"), edit(plan.val, "val"), edit(plan.test, "test"), plan.carved,
+                     plan.origin, edits)
 
 
 def channel_stats(x) -> tuple[list[float], list[float]]:
@@ -206,9 +305,14 @@ def load_data(cfg: DataConfig, device: torch.device | str | None = None) -> Imag
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = (_take(p) for p in parts)
     # Statistics of the training split only, so validation and test never leak into preprocessing.
     mean, std = channel_stats(train_x)
+    names = source_paths(raw)
+    paths = {split: [image_name(names, plan.origin[split], i) for i in part[1].tolist()]
+             for split, part in zip(("train", "val", "test"), parts)}
+    info = {k: v for k, v in raw.info.items() if k != "files"}
     return ImageData(train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
                      classes=list(raw.classes), mean=mean, std=std, source=raw.source, skipped=raw.skipped,
-                     info={**raw.info, "carved": plan.carved, "streaming": stream, "bytes": nbytes})
+                     info={**info, "carved": plan.carved, "streaming": stream, "bytes": nbytes, **plan.edits},
+                     paths=paths)
 
 
 def apply_data_defaults(cfg: RunConfig, data: ImageData) -> RunConfig:

@@ -157,7 +157,7 @@ def _decode_chunk(args: tuple[list[str], int, bool]) -> tuple[np.ndarray, list[i
 
 
 def decode_files(items: list[tuple[Path, int]], size: int, skip_bad: bool, desc: str,
-                 workers: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                 workers: int | None = None, bad_out: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     paths = [str(p) for p, _ in items]
     labels = np.array([y for _, y in items], np.int64)
     chunks = [paths[i:i + 512] for i in range(0, len(paths), 512)]
@@ -179,6 +179,8 @@ def decode_files(items: list[tuple[Path, int]], size: int, skip_bad: bool, desc:
             bar.update(len(arr))
     bar.close()
     x = np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
+    if bad_out is not None:
+        bad_out += bad_idx
     if bad_idx:
         keep = np.ones(len(x), bool)
         keep[bad_idx] = False
@@ -220,18 +222,38 @@ def pick_size(sizes: Counter, source: str) -> tuple[int, dict]:
     return max(w, h), info
 
 
+def split_files(files: dict[str, list[tuple[Path, int]]], root: Path | None,
+                skipped: dict[str, list[int]] | None = None) -> dict[str, list[str]]:
+    """Per split of the data (``all`` is ``train``), its images' paths relative to ``root``, less the skipped."""
+    def rel(p: Path) -> str:
+        try:
+            return Path(p).relative_to(root).as_posix() if root is not None else Path(p).as_posix()
+        except ValueError:
+            return Path(p).as_posix()
+
+    out = {}
+    for split, items in files.items():
+        bad = set((skipped or {}).get(split, ()))
+        out["train" if split == "all" else split] = [rel(p) for k, (p, _) in enumerate(items) if k not in bad]
+    return out
+
+
 def decode_splits(files: dict[str, list[tuple[Path, int]]], classes: list[str], size: int | None, skip_bad: bool,
-                  source: str, info: dict | None = None) -> RawData:
-    """Decode each split's files at ``size`` (None: from the images, see :func:`pick_size`)."""
+                  source: str, info: dict | None = None, root: Path | None = None) -> RawData:
+    """Decode each split's files at ``size`` (None: from the images, see :func:`pick_size`). The info records
+    each image's path relative to ``root`` (``files``), by which the audit and data.exclude name it."""
     info = dict(info or {})
     if size is None:
         size, found = pick_size(scan_sizes([str(p) for items in files.values() for p, _ in items]), source)
         info.update(found)
-    out, skipped = {}, 0
+    out, skipped, bad_at = {}, 0, {}
     for split, items in files.items():
-        x, y, bad = decode_files(items, size, skip_bad, f"decode {split}")
+        x, y, bad = decode_files(items, size, skip_bad, f"decode {split}", bad_out=bad_at.setdefault(split, []))
         out[split] = (x, y)
         skipped += bad
+    if root is not None:
+        info["root"] = str(root)
+    info["files"] = split_files(files, root, bad_at)
     main = out.pop("train", None) or out.pop("all")
     val, test = out.get("val", (None, None)), out.get("test", (None, None))
     return RawData(main[0], main[1], test[0], test[1], classes, source=source, skipped=skipped,
@@ -241,7 +263,7 @@ def decode_splits(files: dict[str, list[tuple[Path, int]]], classes: list[str], 
 def load_folder(root: Path, size: int | None, skip_bad: bool = False) -> RawData:
     classes, files = list_folder(root)
     layout = "/".join(sorted(files)) if "all" not in files else "<class>/* (no split given)"
-    return decode_splits(files, classes, size, skip_bad, str(root), {"layout": layout})
+    return decode_splits(files, classes, size, skip_bad, str(root), {"layout": layout}, root=root)
 
 
 @register_source("folder")
@@ -257,6 +279,9 @@ def _resolve(spec: str | None, cfg) -> Source | None:
 
         classes, files = list_folder(p)
         fp = fingerprint(fingerprint_entries(files), kind="folder", size=c.image_size, skip=c.skip_bad_images)
-        return cached(p, fp, lambda: load_folder(p, c.image_size, c.skip_bad_images))
+        raw = cached(p, fp, lambda: load_folder(p, c.image_size, c.skip_bad_images))
+        if "files" not in raw.info and not raw.skipped:  # a cache written before paths were recorded
+            raw.info.update(root=str(p), files=split_files(files, p))
+        return raw
 
     return Source("folder", p, load)

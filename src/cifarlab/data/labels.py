@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
-from .folder import IMAGE_EXTS, SPLIT_NAMES, decode_splits
+from .folder import IMAGE_EXTS, SPLIT_NAMES, decode_splits, split_files
 from .registry import RawData, Source, register_source
 
 PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "id", "name")
@@ -107,7 +107,11 @@ def _resolve(spec: str | None, cfg) -> Source | None:
         st = labels.stat()
         fp = fingerprint([(str(labels.resolve()), st.st_size, st.st_mtime_ns), *fingerprint_entries(files)],
                          kind="labels", size=c.image_size, skip=c.skip_bad_images)
-        return cached(labels, fp, lambda: decode_splits(files, classes, c.image_size, c.skip_bad_images,
-                                                        f"{root} ({labels.name})", {"layout": f"labels file {labels.name}"}))
+        raw = cached(labels, fp, lambda: decode_splits(files, classes, c.image_size, c.skip_bad_images,
+                                                       f"{root} ({labels.name})", {"layout": f"labels file {labels.name}"},
+                                                       root=root))
+        if "files" not in raw.info and not raw.skipped:  # a cache written before paths were recorded
+            raw.info.update(root=str(root), files=split_files(files, root))
+        return raw
 
     return Source("labels", root, load)

@@ -137,7 +137,8 @@ def data_overview(cfg: RunConfig, out: str | Path = "data-overview", *, augment:
             "carved": plan.carved, "classes": classes, "image_size": int(train_x.shape[-1]),
             "counts": counts, "totals": {k: int(sum(v)) for k, v in counts.items()},
             "mean": mean, "std": std, "skipped_images": raw.skipped, "augmentation": aug_text,
-            "config": cfg.to_dict()["data"], "figures": [p.name for _, p, _ in figs], "warnings": warnings}
+            "config": cfg.to_dict()["data"], "figures": [p.name for _, p, _ in figs], "warnings": warnings,
+            "edits": plan.edits}
     atomic_write_text(out / "data.json", json.dumps(json_safe(info), indent=2))
     for w in warnings:
         warn(w)
