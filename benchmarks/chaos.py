@@ -158,7 +158,7 @@ def same_result(a: Path, b: Path) -> list[str]:
         diffs.append("best.safetensors")
     if json.loads((a / "best.json").read_text()) != json.loads((b / "best.json").read_text()):
         diffs.append("best.json")
-    clock = {"train_seconds", "images_per_second", "run_dir"}
+    clock = {"train_seconds", "images_per_second", "wall_seconds", "run_dir"}
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (a, b))
     if {k: v for k, v in sa.items() if k not in clock} != {k: v for k, v in sb.items() if k not in clock}:
         diffs.append("summary.json")
