@@ -206,7 +206,7 @@ def test_random_kill_of_a_sweep_worker_keeps_the_trial_budget(tmp_path, say):
                 say(f"draw {draw}: kill at {at:5.2f} s of {what} (pid {victim}): "
                     f"{'in trial ' + str(mine[0]) if mine else 'in no trial'}; running trials (pid) {running}, "
                     f"counted so far {done}")
-                proc.wait(timeout=300)
+                proc.wait(timeout=900)  # a deadlock guard
             finally:
                 if proc.poll() is None:
                     proc.kill()

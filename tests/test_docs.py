@@ -108,3 +108,14 @@ def test_the_checks_catch_a_wrong_command_and_key():
     assert _split("cifarlab sweep best S > best.yaml && cifarlab train --config best.yaml") == \
         ["sweep best S", "train --config best.yaml"]
     assert "data.flip" in _config_keys() and "data.hflip" not in _config_keys()
+
+
+def test_ci_runs_the_readme_test_command_with_every_slow_test():
+    """.ci/run runs exactly the README's test command (its second command line), and that runs the whole suite:
+    the default tests, then every slow one (``-m slow`` on no file list)."""
+    readme_lines = FENCE.findall((REPO / "README.md").read_text())[0].strip().splitlines()
+    test_command = readme_lines[1]
+    ci = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln and not ln.lstrip().startswith("#")]
+    assert test_command in ci, f".ci/run does not run the README's test command:\n{test_command}"
+    steps = [s.strip() for s in test_command.split("&&")]
+    assert steps[-2:] == ["python -m pytest -q", "python -m pytest -q -m slow"], steps
