@@ -11,7 +11,7 @@ from ..errors import CifarlabError
 
 # One module per verb under cifarlab.cli; each defines add_parser(subparsers) and run(args).
 VERBS = ["train", "evaluate", "models", "data", "report", "compare", "sweep", "predict", "export", "study", "lr_find",
-         "serve"]
+         "serve", "audit"]
 
 DESCRIPTION = """\
 cifarlab trains, tunes, evaluates and compares image classifiers on CIFAR-10 or any image folder

@@ -1,0 +1,139 @@
+"""Out-of-sample probabilities by K-fold cross-fitting, each fold an ordinary run of the group runner.
+
+Fold k trains on the training images outside fold k (its ``data.exclude`` is a file listing fold k's images,
+plus any the user excluded), validates on the validation split as any run does, and then predicts fold k's
+images, which it never saw, and the validation and test images, which get the folds' average. The folds live
+in ``OUT/folds/fold-K/``: a rerun skips finished folds and resumes an interrupted one
+(:class:`cifarlab.train.group.GroupRunner`); ``folds.json`` refuses a rerun with another config or K.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from ..config import RunConfig
+from ..data.dataset import _read_edit_file
+from ..errors import CifarlabError
+from ..evaluation.inference import predict_logits
+from ..evaluation.loader import load_model
+from ..io import atomic_write, atomic_write_text
+from ..models import classifier_name
+from ..train.group import GroupRunner, Member, _comparable
+
+
+def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(N,) the fold of each training image: stratified by class, seeded."""
+    counts = np.bincount(labels)
+    if folds < 2:
+        raise CifarlabError(f"--folds must be >= 2, got {folds}")
+    if counts[counts > 0].min() < folds:
+        raise CifarlabError(f"too few images per class for {folds} folds: a class has {counts[counts > 0].min()} "
+                            f"training images; use --folds {max(2, counts[counts > 0].min())} or more data")
+    out = np.empty(len(labels), np.int64)
+    for k, (_, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels)):
+        out[held] = k
+    return out
+
+
+def fold_members(cfg: RunConfig, train_paths: list[str], fold_of: np.ndarray, folder: Path) -> list[Member]:
+    """One member per fold; fold k's config excludes its images (and the user's ``data.exclude``)."""
+    user = [p for (p,) in _read_edit_file(cfg.data.exclude, "data.exclude", ("path",))] if cfg.data.exclude else []
+    members = []
+    K = int(fold_of.max()) + 1
+    for k in range(K):
+        f = folder / f"fold-{k}.exclude.txt"
+        text = "".join(f"{p}\n" for p in user + [train_paths[i] for i in np.flatnonzero(fold_of == k)])
+        if not f.is_file() or f.read_text() != text:
+            atomic_write_text(f, text)
+        c = copy.deepcopy(cfg)
+        c.data.exclude = str(f.resolve())
+        members.append(Member(f"fold-{k}", c, f"fold {k + 1}/{K}"))
+    return members
+
+
+def check_folds(folder: Path, cfg: RunConfig, folds: int, overwrite: bool) -> None:
+    info_file = folder / "folds.json"
+    want = {"folds": folds, "config": _comparable(cfg.to_dict())}
+    if info_file.is_file() and not overwrite:
+        have = json.loads(info_file.read_text())
+        if have != want:
+            raise CifarlabError(f"{folder} holds folds of another config or --folds; rerun its own command, "
+                                f"choose another -o, or pass --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(info_file, json.dumps(want, indent=2))
+
+
+@torch.inference_mode()
+def logits_and_features(run_dir: Path, images: list) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The run's best weights on each of ``images`` (uint8 (N, C, H, W) tensors): logits (one view) and the
+    input of the model's head (its penultimate features, by a forward hook)."""
+    loaded = load_model(run_dir, as_trained=True)
+    model, rt = loaded.model, loaded.runtime
+    base = getattr(model, "_orig_mod", model)
+    head = base.get_submodule(classifier_name(base))
+    feats: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda m, args, out: feats.append(args[0].detach().flatten(1).float().cpu()))
+    logits, features = [], []
+    try:
+        for x in images:
+            if not len(x):  # an empty split (data.val_size=0)
+                logits.append(np.zeros((0, int(loaded.meta["num_classes"])), np.float32))
+                features.append(None)
+                continue
+            feats.clear()
+            lg = predict_logits(model, x, loaded.normalize, rt, loaded.cfg.train.eval_batch_size, "none")
+            logits.append(lg.cpu().numpy())
+            features.append(torch.cat(feats).numpy())
+    finally:
+        hook.remove()
+    return logits, features
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def cross_fit(cfg: RunConfig, data, out: Path, folds: int, *, overwrite: bool = False, quiet: bool = False,
+              log: Callable[[str], None] = print, fit_fn: Callable | None = None):
+    """(probs per split, features of every image stacked train/val/test) from K folds trained under
+    ``out/folds``. Each fold's predictions are kept in its ``audit.npz`` (reused while newer than its weights)."""
+    folder = out / "folds"
+    check_folds(folder, cfg, folds, overwrite)
+    fold_of = assign_folds(data.train_y.numpy(), folds, cfg.data.seed)
+    members = fold_members(cfg, data.paths["train"], fold_of, folder)
+    runner = GroupRunner(folder, quiet=quiet, fit_fn=fit_fn, log=lambda m: log(f"audit folds: {m}"))
+    train_p = np.zeros((len(data.train_y), data.num_classes), np.float32)
+    val_p = np.zeros((len(data.val_y), data.num_classes), np.float32)
+    test_p = np.zeros((len(data.test_y), data.num_classes), np.float32)
+    features = None
+    for k, m in enumerate(members):
+        runner.run(m)
+        held = np.flatnonzero(fold_of == k)
+        cache = folder / m.name / "audit.npz"
+        best = folder / m.name / "best.safetensors"
+        if cache.is_file() and cache.stat().st_mtime >= best.stat().st_mtime:
+            z = np.load(cache)
+            lg, va, te, ft = z["held"], z["val"], z["test"], (z["features"] if k == 0 else None)
+        else:
+            images = [data.train_x[torch.from_numpy(held)], data.val_x, data.test_x]
+            if k == 0:  # the first fold's model gives every image's features (one feature space for all)
+                images.append(data.train_x)
+            out_l, out_f = logits_and_features(folder / m.name, images)
+            lg, va, te = out_l[:3]
+            ft = np.concatenate([f for f in (out_f[3], out_f[1], out_f[2]) if f is not None]) if k == 0 else None
+            extra = {"features": ft} if ft is not None else {}
+            atomic_write(cache, lambda f: np.savez(f, held=lg, val=va, test=te, **extra))
+        train_p[held] = softmax(lg)
+        val_p += softmax(va) / folds
+        test_p += softmax(te) / folds
+        if ft is not None:
+            features = ft
+    return {"train": train_p, "val": val_p, "test": test_p}, features
