@@ -60,3 +60,73 @@ def test_label_issues_suggest_the_true_label():
     res = find_label_issues(probs, given)
     found = res.issue & flip
     assert (res.suggested[found] == true[found]).mean() >= 0.85  # measured 0.875: the model's accuracy on them
+
+
+@pytest.mark.parametrize("block", [7, 64, 4096])
+def test_blocked_knn_matches_brute_force(block):
+    import torch
+
+    from cifarlab.audit.neighbors import knn, normalize
+
+    x = normalize(torch.randn(150, 12, generator=torch.Generator().manual_seed(0)))
+    d, idx = knn(x, 4, block=block)
+    sim = x @ x.T
+    sim.fill_diagonal_(-float("inf"))
+    ref_s, ref_i = sim.topk(4, dim=1)
+    assert (idx == ref_i.numpy()).all() and np.allclose(d, 1 - ref_s.numpy(), atol=1e-5)
+    q = normalize(torch.randn(9, 12))
+    d, idx = knn(x, 3, queries=q, block=block)
+    assert (idx == (q @ x.T).topk(3, dim=1).indices.numpy()).all()
+
+
+def test_duplicates_exact_near_and_leaks_first():
+    import torch
+
+    from cifarlab.audit.duplicates import find_duplicates, pixel_hashes, thumbnails
+    from cifarlab.audit.neighbors import normalize
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
+    x[5] = x[3]  # an exact copy inside train
+    x[30] = (x[7].float() * 0.9 + 10).to(torch.uint8)  # a darker copy of a train image in test: a leak
+    splits = np.array(["train"] * 25 + ["test"] * 15)
+    feats = normalize(x.float().flatten(1))
+    pairs = find_duplicates(pixel_hashes([x]), feats, thumbnails([x]), splits)
+    got = [(p.a, p.b, p.kind) for p in pairs]
+    assert got == [(7, 30, "leak-near"), (3, 5, "exact")]
+
+
+def test_outliers():
+    from cifarlab.audit.outliers import find_outliers
+
+    rng = np.random.default_rng(0)
+    mean, std = rng.uniform(0.3, 0.7, 100), rng.uniform(0.1, 0.3, 100)
+    std[3], mean[4], mean[5] = 0.001, 0.02, 0.97
+    far = rng.uniform(0.1, 0.2, 100)
+    far[9] = 0.9
+    kinds = {(o.index, o.kind) for o in find_outliers(mean, std, far)}
+    assert kinds == {(3, "constant"), (4, "dark"), (5, "bright"), (9, "far")}
+
+
+def test_too_few_images_per_class_for_the_folds():
+    from cifarlab.audit.folds import assign_folds
+    from cifarlab.errors import CifarlabError
+
+    folds = assign_folds(np.repeat(np.arange(3), 8), 4, 0)
+    assert sorted(np.bincount(folds)) == [6, 6, 6, 6]
+    with pytest.raises(CifarlabError, match="too few images per class for 4 folds"):
+        assign_folds(np.array([0, 0, 0, 1, 1, 1, 1, 1]), 4, 0)
+
+
+def test_cli_audit_of_a_trained_run(trained_run, tmp_path):
+    from cifarlab.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["audit", str(trained_run), "-o", str(tmp_path / "a")])
+    assert done.value.code == 0
+    for f in ("label_issues.csv", "duplicates.csv", "outliers.csv", "audit.html"):
+        assert (tmp_path / "a" / f).is_file()
+    header = (tmp_path / "a" / "label_issues.csv").read_text().splitlines()[0]
+    assert header == "path,split,given,suggested,score"
+    rows = (tmp_path / "a" / "label_issues.csv").read_text().splitlines()[1:]
+    assert all(r.split(",")[1] in ("val", "test") for r in rows)  # the run trained on its train split
