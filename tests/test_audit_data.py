@@ -103,3 +103,19 @@ def test_archive_images_are_named_split_index():
     assert image_name(names, "train", 3) == "train/3" and image_name(names, "test", 1) == "test/1"
     raw = dataclasses.replace(raw, info={"files": {"train": ["a", "b"]}})  # a count that does not fit: unused
     assert image_name(source_paths(raw), "train", 1) == "train/1"
+
+
+def test_evaluate_writes_test_predictions(trained_run):
+    import csv
+
+    import torch
+
+    z = np.load(trained_run / "test_logits.npz")
+    rows = list(csv.DictReader(open(trained_run / "test_predictions.csv")))
+    assert len(rows) == len(z["labels"]) and list(rows[0]) == ["path", "label", "predicted", "confidence", "loss"]
+    classes = list(z["classes"])
+    logits = torch.from_numpy(z["logits"])
+    for r, lg, y in zip(rows[:30], logits[:30], z["labels"][:30]):
+        assert r["label"] == classes[y] and r["predicted"] == classes[int(lg.argmax())]
+        assert r["path"].startswith("test/") and float(r["confidence"]) == pytest.approx(float(lg.softmax(0).max()), abs=1e-5)
+        assert float(r["loss"]) == pytest.approx(float(-lg.log_softmax(0)[y]), abs=1e-4)

@@ -45,7 +45,27 @@ def evaluate_run(run_dir: str | Path, data: ImageData | None = None, device: str
     atomic_write(run_dir / "test_logits.npz", lambda f: np.savez(
         f, logits=logits.cpu().numpy().astype(np.float32), labels=data.test_y.numpy().astype(np.int64),
         classes=np.array(data.classes)))
+    write_predictions(run_dir / "test_predictions.csv", logits.cpu().float(), data.test_y,
+                      data.paths.get("test") or [f"test/{i}" for i in range(len(data.test_y))], data.classes)
     return out
+
+
+def write_predictions(path: Path, logits, labels, paths: list[str], classes: list[str]) -> None:
+    """One row per test image: ``path,label,predicted,confidence,loss`` (the files behind every number)."""
+    import csv
+    import io
+
+    import torch.nn.functional as F
+
+    probs = logits.softmax(1)
+    conf, pred = probs.max(1)
+    loss = F.cross_entropy(logits, labels.to(logits.device), reduction="none")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "predicted", "confidence", "loss"])
+    for p, y, k, c, l in zip(paths, labels.tolist(), pred.tolist(), conf.tolist(), loss.tolist()):
+        w.writerow([p, classes[y], classes[k], f"{c:.6f}", f"{l:.6f}"])
+    atomic_write_text(path, buf.getvalue())
 
 
 def tta_label(tta: str | None) -> str:
