@@ -17,9 +17,10 @@ from cifarlab.config import load_config, RunConfig, TrainConfig
 from cifarlab.data.augment import BatchAugment
 from cifarlab.data.loader import DeviceBatches
 from cifarlab.predict import Predictor
-from cifarlab.train import build_model, fit
+from cifarlab.models import build_model
+from cifarlab.train import fit
 from cifarlab.train.checkpoint import load_checkpoint
-from cifarlab.train.loop import predict_logits
+from cifarlab.evaluation.inference import predict_logits
 from cifarlab.train.runtime import Runtime, setup_runtime
 
 from .conftest import REPO, tiny_overrides
