@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import CifarlabError
 from .claims import ClaimingObjective, StopClaiming
@@ -66,7 +66,7 @@ class TrialResult:
 
     number: int
     metric: str
-    state: str = "failed"
+    state: Literal["complete", "pruned", "failed", "interrupted"] = "failed"
     message: str = ""
     history: dict[str, list[float | None]] = field(default_factory=lambda: {k: [] for k in HISTORY})
     seconds: float = 0.0
@@ -109,8 +109,8 @@ class Objective(ClaimingObjective):
                      f"({len(r.history['val_acc'])} epochs, {r.seconds:.1f}s)")
             return r.value
         if r.state == "pruned":
-            end = "stopping" if r.stop_worker else f"{r.seconds:.1f}s"
-            self.say(f"trial {r.number} {r.message} ({r.last()}) {end}")
+            end = "; stopping" if r.stop_worker else f" {r.seconds:.1f}s"
+            self.say(f"trial {r.number} {r.message} ({r.last()}){end}")
             raise optuna.TrialPruned(r.message)
         self.handled.add(r.number)  # reported here: no Optuna traceback
         if r.state == "failed":
