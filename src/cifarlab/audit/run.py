@@ -16,7 +16,7 @@ from ..config import RunConfig, load_config
 from ..data import load_data
 from ..data.dataset import apply_data_defaults
 from ..errors import CifarlabError
-from ..io import atomic_write_text
+from ..io import atomic_write, atomic_write_text
 from .duplicates import find_duplicates, pixel_hashes, thumbnails
 from .folds import cross_fit, logits_and_features, softmax
 from .label_issues import find_label_issues
@@ -77,8 +77,8 @@ def analyse(data, probs: dict[str, np.ndarray | None], features: np.ndarray, out
     _write_csv(out / "label_issues.csv", ["path", "split", "given", "suggested", "score"], issues)
     _write_csv(out / "duplicates.csv", ["path_a", "split_a", "path_b", "split_b", "distance", "kind"], dups)
     _write_csv(out / "outliers.csv", ["path", "split", "kind", "score", "label"], odd)
-    np.savez(out / "scores.npz", index=at, score=res.score, issue=res.issue, suggested=res.suggested,
-             far=far, classes=np.array(classes))
+    atomic_write(out / "scores.npz", lambda f: np.savez(f, index=at, score=res.score, issue=res.issue,
+                                                        suggested=res.suggested, far=far, classes=np.array(classes)))
 
     def image(i: int) -> np.ndarray:
         s = int(np.searchsorted(starts, i, side="right") - 1)
