@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -36,7 +35,9 @@ def one(cfg, data, out: Path, name: str) -> dict:
     wall = time.perf_counter() - t0
     test = evaluate_run(summary["run_dir"], data=data)
     saved = load_config(Path(summary["run_dir"]) / "config.yaml")
+    per_epoch = summary["train_images"] // saved.train.batch_size  # drop_last: whole batches
     return {"wall_seconds": round(wall, 1), "epochs": summary["epochs"], "steps": saved.train.steps or None,
+            "steps_per_epoch": per_epoch,
             "val_acc": summary["best_val_acc"], "test_acc": round(test["test_acc"], 4)}
 
 
@@ -58,8 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in range(args.seeds):
             a = one(load_config(args.config, base + [f"train.seed={seed}", f"train.time_budget={args.time}"]), data,
                     Path(tmp), f"time-{seed}")
-            spe = math.ceil(a["steps"] / a["epochs"]) if a["steps"] else None
-            epochs = max(1, round(a["steps"] / spe)) if spe else a["epochs"]
+            epochs = max(1, round(a["steps"] / a["steps_per_epoch"])) if a["steps"] else a["epochs"]
             b = one(load_config(args.config, base + [f"train.seed={seed}", f"train.epochs={epochs}"]), data,
                     Path(tmp), f"epochs-{seed}")
             rows.append({"seed": seed, "budget": budget, "time": a, "epochs": b,
