@@ -24,7 +24,8 @@ _SPECS: dict[str, ModelSpec] = {}
 
 
 def register_model(fn: Callable[..., nn.Module] | None = None, *, head: str = "", channels_last: bool = True,
-                   whitening: bool = False, start_epoch: bool = False, param_groups: bool = False):
+                   whitening: bool = False, start_epoch: bool = False, param_groups: bool = False,
+                   explain: str = "conv"):
     """Register ``fn(num_classes, **hparams) -> nn.Module`` under its function name, with its capabilities
     (:class:`ModelSpec`): ``@register_model(head="fc")``. ``head`` is required."""
 
@@ -32,7 +33,8 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, head: str = ""
         if not head:
             raise TypeError(f"register_model({f.__name__}): name the classifier head module (head=...)")
         _REGISTRY[f.__name__] = f
-        _SPECS[f.__name__] = ModelSpec(f.__name__, head, channels_last, whitening, start_epoch, param_groups)
+        _SPECS[f.__name__] = ModelSpec(f.__name__, head, channels_last, whitening, start_epoch, param_groups,
+                                        explain)
         return f
 
     return deco(fn) if fn is not None else deco

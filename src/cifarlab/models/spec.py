@@ -19,3 +19,7 @@ class ModelSpec:
     whitening: bool = False  # ``model.init_whitening(images)``: a data-dependent init from normalized training images
     start_epoch: bool = False  # ``model.start_epoch(epoch)``: per-epoch settings (speednet's stem bias freeze)
     param_groups: bool = False  # ``model.param_groups(weight_decay)`` defines the optimizer's groups
+    # What Grad-CAM explains (cifarlab.evaluation.explain): "conv", the last feature map before global pooling;
+    # "tokens", a ViT's patch tokens entering its last block (blocks[-1].norm1); "" nothing (predict --explain
+    # refuses the model).
+    explain: str = "conv"

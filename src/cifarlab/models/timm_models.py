@@ -102,7 +102,27 @@ def _spec(name: str, arch: str, probe: nn.Module):
     head = next((n for n, m in probe.named_modules() if m is head_module and n), "")
     if not head:
         raise ConfigError(f"{name}: timm's get_classifier() names no submodule; it cannot be fine-tuned here")
-    return ModelSpec(name, head, channels_last=not is_model_in_modules(arch, TRANSFORMER_MODULES))
+    transformer = is_model_in_modules(arch, TRANSFORMER_MODULES)
+    return ModelSpec(name, head, channels_last=not transformer, explain=_explain_kind(arch, probe, transformer))
+
+
+# timm's ViTs whose blocks carry (B, prefix + N, D) tokens: Grad-CAM explains their patch tokens. Other attention
+# models (Swin's (B, H, W, C) stages, SAM's windows, NaFlex's variable grids) are not explained.
+TOKEN_MODULES = ["vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos", "deit", "beit",
+                 "eva"]
+
+
+def _explain_kind(arch: str, probe: nn.Module, transformer: bool) -> str:
+    """The spec's ``explain``: "conv" for conv nets, "tokens" for ViTs with a last block's ``norm1``, else ""."""
+    from timm.models import is_model_in_modules
+
+    if not transformer:
+        return "conv"
+    blocks = getattr(probe, "blocks", None)
+    if is_model_in_modules(arch, TOKEN_MODULES) and isinstance(blocks, nn.Sequential) and len(blocks) \
+            and isinstance(getattr(blocks[-1], "norm1", None), nn.Module):
+        return "tokens"
+    return ""
 
 
 def _plain(value: Any) -> Any:

@@ -186,7 +186,7 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-@register_model(head="head", channels_last=False)
+@register_model(head="head", channels_last=False, explain="tokens")
 def vit(num_classes: int = 10, *, image_size: int = 32, patch_size: int = 4, embed_dim: int = 192,
         num_encoder_layers: int = 6, num_heads: int = 3, head_dim: int = 64, hidden_layer_depth: int = 384,
         dropout: float = 0.1, mlp_head_hidden_layer_depth: int = 384,
