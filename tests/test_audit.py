@@ -130,3 +130,53 @@ def test_cli_audit_of_a_trained_run(trained_run, tmp_path):
     assert header == "path,split,given,suggested,score"
     rows = (tmp_path / "a" / "label_issues.csv").read_text().splitlines()[1:]
     assert all(r.split(",")[1] in ("val", "test") for r in rows)  # the run trained on its train split
+
+
+def test_fold_time_budget():
+    from cifarlab.audit.run import RESERVE_PER_IMAGE, fold_time_budget
+    from cifarlab.errors import CifarlabError
+
+    per_fold, reserve = fold_time_budget("20m", 60_000, 4)  # CIFAR-10: 4 min set aside, 4 folds of 4 min
+    assert reserve == pytest.approx(60_000 * RESERVE_PER_IMAGE) == 240 and per_fold == 240
+    per_fold, reserve = fold_time_budget(100, 10**6, 2)  # never more than a quarter set aside
+    assert reserve == 25 and per_fold == 37
+    with pytest.raises(CifarlabError, match="give at least"):
+        fold_time_budget("30s", 1000, 4)
+    with pytest.raises(CifarlabError, match="not a duration"):
+        fold_time_budget("soon", 1000, 4)
+
+
+def test_audit_time_budget_shares_the_time_among_the_folds(small_folder, tmp_path):
+    """--time: each fold trains to its share (train.time_budget), which plans its epochs; a rerun finds the folds
+    done by their planned epochs (fewer than the config's) and trains nothing."""
+    import yaml
+
+    from cifarlab.audit.run import audit_data
+    from cifarlab.config import load_config
+
+    from .conftest import REPO, tiny_overrides
+
+    cfg = load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(small_folder, **{"train.epochs": 1000}))
+    out = tmp_path / "audit"
+    lines = []
+    audit_data(cfg, out, folds=2, quiet=True, log=lines.append, time="30s")
+    n = 800  # 400 train + 200 validation (data.train_size, data.val_size) + 200 test images
+    per_fold = int((30 - min(n * 0.004, 30 / 4)) / 2)
+    assert any(f"2 folds of {per_fold}s of training each" in m for m in lines), lines
+    for k in range(2):
+        run_cfg = yaml.safe_load((out / "folds" / f"fold-{k}" / "config.yaml").read_text())
+        assert run_cfg["train"]["time_budget"] == f"{per_fold}s"
+        assert 1 <= run_cfg["train"]["epochs"] < 1000 and run_cfg["train"]["steps"] > 0  # the plan's
+    lines.clear()
+    audit_data(cfg, out, folds=2, quiet=True, log=lines.append, time="30s",
+               fit_fn=lambda *a, **k: pytest.fail("a finished fold trained again"))
+    assert sum("already done" in m for m in lines) == 2, lines
+
+
+def test_audit_default_recipe_trains_3_epochs_and_set_overrides(small_folder):
+    from cifarlab.cli.audit import AUDIT_EPOCHS, default_config
+
+    cfg, name = default_config([f"data.path={small_folder}"])
+    assert cfg.model.name == "speednet" and cfg.train.epochs == AUDIT_EPOCHS == 3 and "train.epochs=3" in name
+    cfg, _ = default_config([f"data.path={small_folder}", "train.epochs=5"])
+    assert cfg.train.epochs == 5

@@ -25,7 +25,7 @@ from ..evaluation.inference import predict_logits
 from ..evaluation.loader import load_model
 from ..io import atomic_write, atomic_write_text
 from ..models import classifier_name
-from ..train.group import GroupRunner, Member, _comparable
+from ..train.group import GroupRunner, Member, _comparable, seed_status
 
 
 def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -56,6 +56,18 @@ def fold_members(cfg: RunConfig, train_paths: list[str], fold_of: np.ndarray, fo
         c.data.exclude = str(f.resolve())
         members.append(Member(f"fold-{k}", c, f"fold {k + 1}/{K}"))
     return members
+
+
+def fold_done(run_dir: Path) -> bool:
+    """Finished by its own ``config.yaml``'s epochs: a fold trained to a time budget (``audit --time``) has the
+    epochs its plan set there, not those of the config it started from."""
+    import yaml
+
+    try:
+        epochs = int(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return False
+    return seed_status(run_dir, epochs) == "done"
 
 
 def check_folds(folder: Path, cfg: RunConfig, folds: int, overwrite: bool) -> None:
@@ -115,7 +127,10 @@ def cross_fit(cfg: RunConfig, data, out: Path, folds: int, *, overwrite: bool = 
     test_p = np.zeros((len(data.test_y), data.num_classes), np.float32)
     features = None
     for k, m in enumerate(members):
-        runner.run(m)
+        if fold_done(folder / m.name):
+            log(f"audit folds: {m.label} already done")
+        else:
+            runner.run(m)
         held = np.flatnonzero(fold_of == k)
         cache = folder / m.name / "audit.npz"
         best = folder / m.name / "best.safetensors"

@@ -24,6 +24,26 @@ from .neighbors import normalize
 from .outliers import find_outliers, knn_distance, pixel_stats
 
 SPLITS = ("train", "val", "test")
+# ``--time``: seconds per image of the data set set aside for what is not the folds' training (decoding, each
+# fold loading its data and predicting its held-out, validation and test images, fold 0 every image's features,
+# the neighbour searches, the report): an estimate for a 2-core CPU at 32 px (CIFAR-10's 60,000 images: 4 min),
+# at most a quarter of the time given.
+RESERVE_PER_IMAGE = 0.004
+MIN_FOLD_SECONDS = 10.0
+
+
+def fold_time_budget(total: str | float, images: int, folds: int) -> tuple[float, float]:
+    """(seconds each fold trains, seconds set aside) of an audit given ``total``: whole seconds, so that the same
+    command gives the same fold configs (a rerun resumes them)."""
+    from ..coerce import parse_duration
+
+    seconds = parse_duration("--time", total)
+    reserve = min(RESERVE_PER_IMAGE * images, seconds / 4)
+    per_fold = float(int((seconds - reserve) / folds))
+    if per_fold < MIN_FOLD_SECONDS:
+        raise CifarlabError(f"--time {total}: {per_fold:.0f}s a fold after {reserve:.0f}s set aside for "
+                            f"{images} images; give at least {folds * MIN_FOLD_SECONDS + reserve:.0f}s, or fewer --folds")
+    return per_fold, reserve
 
 
 def _chunks(xs, n: int = 4096):
@@ -98,11 +118,18 @@ def analyse(data, probs: dict[str, np.ndarray | None], features: np.ndarray, out
 
 
 def audit_data(cfg: RunConfig, out: str | Path, *, folds: int = 4, overwrite: bool = False, quiet: bool = False,
-               log: Callable[[str], None] = print, fit_fn: Callable | None = None, **kw) -> dict[str, Any]:
-    """The audit by K-fold cross-fitting of ``cfg`` (see :mod:`.folds`)."""
+               log: Callable[[str], None] = print, fit_fn: Callable | None = None, time: str | float | None = None,
+               **kw) -> dict[str, Any]:
+    """The audit by K-fold cross-fitting of ``cfg`` (see :mod:`.folds`). ``time``: the whole audit's duration;
+    each fold trains to ``train.time_budget`` = its share (:func:`fold_time_budget`)."""
     out = Path(out)
     data = load_data(cfg.data)
     apply_data_defaults(cfg, data)
+    if time:
+        per_fold, reserve = fold_time_budget(time, sum(len(getattr(data, f"{s}_y")) for s in SPLITS), folds)
+        cfg.train.time_budget, cfg.train.steps = f"{per_fold:.0f}s", 0
+        log(f"audit --time {time}: {folds} folds of {per_fold:.0f}s of training each, {reserve:.0f}s set aside "
+            f"for decoding, predictions, neighbours and the report")
     probs, features = cross_fit(cfg, data, out, folds, overwrite=overwrite, quiet=quiet, log=log, fit_fn=fit_fn)
     return analyse(data, probs, features, out, meta=f"{data.source} · {folds} folds of {cfg.model.name}", **kw)
 
