@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat", type=int, metavar="SECONDS", help="sweep heartbeat interval (default 10)")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the sweeps' samplers (default 0), as in "
                    "sweep run")
+    p.add_argument("--time", metavar="DURATION", help="total wall-clock budget of the study (30m, 6h), shared out "
+                   "over its runs as train.time_budget (default: the file's time, else none; docs/study.md)")
     p.add_argument("--no-report", action="store_true", help="run the stages but do not write the report")
     p.set_defaults(func=run)
 
@@ -27,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from ..study import run_study
 
     state = run_study(args.study_file, out=args.out, storage=args.storage, workers=args.workers,
-                      heartbeat=args.heartbeat, seed=args.sampler_seed, report=not args.no_report)
+                      heartbeat=args.heartbeat, seed=args.sampler_seed, report=not args.no_report,
+                      time=args.time)
     if state.get("report"):
         print(f"wrote {state['report']}")
     return 0

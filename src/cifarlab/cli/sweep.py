@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "postgresql://user@host/db (default: SQLite file OUT/STUDY/study.db)")
     r.add_argument("--study", metavar="NAME", help="study name (default: the file's name key, else its file name)")
     add_out_arg(r, "folder that receives the sweep directory OUT/STUDY (default: sweeps)", default="sweeps")
+    r.add_argument("--time", metavar="DURATION", help="total wall-clock budget of the sweep (90s, 10m, 2h), shared "
+                   "out: each trial trains to train.time_budget = DURATION / ceil(trials / workers) (default: the "
+                   "file's cifarlab.time, else none)")
     r.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS",
                    help="heartbeat interval; a trial silent for 3 intervals is failed and queued again (default 10)")
     r.add_argument("--sampler-seed", type=int, metavar="N", help="seed of the samplers (default: random); "
@@ -75,7 +78,7 @@ def run_cmd(args: argparse.Namespace) -> int:
     summary = run_sweep(args.sweep_file, trials=args.trials, workers=args.workers, storage=args.storage,
                         study=args.study, out=args.out, config=args.config, overrides=config_overrides(args),
                         heartbeat=args.heartbeat, seed=args.sampler_seed, trackers=trackers,
-                        new_study=args.new_study)
+                        new_study=args.new_study, time=args.time)
     print(f"next: cifarlab sweep report {summary['sweep_dir']}")
     return 0
 

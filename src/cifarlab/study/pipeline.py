@@ -97,13 +97,21 @@ def _counted(sweep_dir: Path, name: str, storage: str | None) -> int:
 
 def run_study(study_file: str | Path, *, out: str | Path | None = None, storage: str | None = None, workers: int = 1,
               heartbeat: int | None = None, seed: int | None = 0, log: Callable[[str], None] = print,
-              report: bool = True) -> dict[str, Any]:
-    """Run (or continue) a study; returns its state (``state.json``) with the report's path."""
-    spec = load_study_file(study_file, out)
+              report: bool = True, time: str | float | None = None) -> dict[str, Any]:
+    """Run (or continue) a study; returns its state (``state.json``) with the report's path.
+
+    ``time`` (``--time``, else the file's ``time``): the study's total wall-clock budget, shared out over its
+    runs (:meth:`StudySpec.time_shares`); each run trains to its share as ``train.time_budget``."""
+    spec = load_study_file(study_file, out, time)
+    spec.shares = spec.time_shares(workers)  # refused here, before anything is written, if a share is too small
     spec.study_dir.mkdir(parents=True, exist_ok=True)
     state = StudyState(spec)
     state.save()
     progress = Progress(spec, log)
+    if spec.shares:
+        log(f"[study {spec.name}] time budget {spec.time:g}s: train.time_budget per run "
+            + ", ".join(f"{phase} {share:g}s" for phase, share in spec.shares.items())
+            + f" (sweeps {workers} trial(s) at a time, final seeds one at a time)")
     for i, plan in enumerate(spec.models):
         run_model(spec, plan, i, state, progress, storage=storage, workers=workers, heartbeat=heartbeat, seed=seed)
     if report:
@@ -148,7 +156,7 @@ def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, p
         say("stage1", f"sweep {names['stage1']}: {done} trial(s) done"
                       + (f", {max(0, budget - done)} remaining" if budget else " (budget: the sweep's run_cap)"))
         s = run_sweep(sweep_file, trials=budget, study=names["stage1"], out=sweeps, config=plan.config,
-                      overrides=spec.overrides + plan.sweep_set, **kw)
+                      overrides=spec.overrides + plan.sweep_set, trial_time=spec.shares.get("stage1"), **kw)
         state.mark(plan.name, "stage1", {"sweep_dir": s["sweep_dir"], "counted": s["counted"], "best": s["best"]})
     else:
         say("stage1", "done before, reused")
@@ -160,6 +168,8 @@ def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, p
         text, mapping = narrow(s1, plan.top)
         mapping["name"] = names["stage2"]
         mapping["run_cap"] = plan.stage2_trials
+        if spec.shares:  # stage 2 trains to its own share, given below
+            mapping["cifarlab"]["config"].setdefault("train", {})["time_budget"] = ""
         head = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
         atomic_write_text(stage2_file, head + yaml.safe_dump(mapping, sort_keys=False))
         state.mark(plan.name, "narrow", {"file": str(stage2_file), "top": plan.top,
@@ -172,7 +182,8 @@ def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, p
     if not state.done(plan.name, "stage2"):
         done = _counted(sweeps / names["stage2"], names["stage2"], storage)
         say("stage2", f"sweep {names['stage2']}: {done} trial(s) done, {max(0, plan.stage2_trials - done)} remaining")
-        s = run_sweep(stage2_file, trials=plan.stage2_trials, study=names["stage2"], out=sweeps, **kw)
+        s = run_sweep(stage2_file, trials=plan.stage2_trials, study=names["stage2"], out=sweeps,
+                      trial_time=spec.shares.get("stage2"), **kw)
         state.mark(plan.name, "stage2", {"sweep_dir": s["sweep_dir"], "counted": s["counted"], "best": s["best"]})
     else:
         say("stage2", "done before, reused")
@@ -196,11 +207,14 @@ def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, p
         cfg.apply_overrides(spec.overrides + plan.final_set)
         if plan.final_epochs:
             cfg.train.epochs = plan.final_epochs
+        if spec.shares:
+            cfg.train.time_budget = spec.shares["final"]
         cfg.validate()
         model_dir.mkdir(parents=True, exist_ok=True)
         head = (f"# Study {spec.name}, model {plan.name}: best trial {trial.number} of {stage} "
                 f"({st.spec.metric} = {value:.4f}), with the final training's settings "
-                f"(train.epochs={cfg.train.epochs}, data.train_size={cfg.data.train_size}).\n"
+                f"(train.epochs={cfg.train.epochs}, data.train_size={cfg.data.train_size}"
+                + (f", train.time_budget={cfg.train.time_budget}s" if cfg.train.time_budget else "") + ").\n"
                 + "".join(f"#   {k}: {v}\n" for k, v in values.items()))
         atomic_write_text(best_file, head + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         state.mark(plan.name, "best", {"file": str(best_file), "stage": stage, "trial": trial.number, "value": value,

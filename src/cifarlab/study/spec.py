@@ -7,6 +7,8 @@
     set:                             # overrides for every stage of every model (data path, device, ...)
       data.path: /data/cifar10
     seeds: 3                         # default final seeds of every model
+    time: 6h                         # optional total wall-clock budget, shared out over every run (--time wins)
+    time_split: {stage1: 2, stage2: 1, final: 1}   # optional weights of the phases (default: by their runs)
     models:
       cnn:
         config: ../cnn.yaml          # base recipe (default: the sweep file's cifarlab.config)
@@ -34,9 +36,12 @@ from typing import Any
 
 import yaml
 
+from ..config import override_keys
 from ..errors import ConfigError
+from ..sweep.shares import parse_split, total_seconds
+from ..sweep.spec import load_sweep_file
 
-_TOP_KEYS = {"name", "description", "out", "set", "seeds", "models"}
+_TOP_KEYS = {"name", "description", "out", "set", "seeds", "models", "time", "time_split"}
 _MODEL_KEYS = {"config", "sweep", "stage1_trials", "sweep_set", "top", "stage2_trials", "final"}
 _FINAL_KEYS = {"epochs", "seeds", "set"}
 
@@ -63,6 +68,27 @@ class StudySpec:
     overrides: list[str]
     models: list[ModelPlan]
     raw: dict[str, Any]
+    time: float | None = None  # total seconds (``time``, or ``--time``), shared out by :func:`time_shares`
+    time_split: dict[str, float] | None = None
+    shares: dict[str, float] = field(default_factory=dict)  # per-run seconds of each phase
+
+    def time_shares(self, workers: int = 1) -> dict[str, float]:
+        """Each phase's per-run ``train.time_budget`` (seconds), from the total; {} without one.
+
+        The sweeps run ``workers`` trials at a time, the final seeds one at a time (:mod:`cifarlab.sweep.shares`)."""
+        from ..sweep.shares import study_shares
+
+        if self.time is None:
+            return {}
+        for plan in self.models:
+            for key in override_keys(self.overrides + plan.sweep_set + plan.final_set):
+                if key in ("train.time_budget", "train.steps"):
+                    raise ConfigError(f"the study's time {self.time:g}s sizes every run, but models.{plan.name} "
+                                      f"also sets {key} (set, sweep_set or final.set): give one of them")
+        runs = {"stage1": [_stage1_trials(p) for p in self.models], "stage2": [p.stage2_trials for p in self.models],
+                "final": [p.seeds for p in self.models]}
+        return study_shares(self.time, runs, {"stage1": workers, "stage2": workers, "final": 1}, self.time_split,
+                            where=f"study time {self.time:g}s")
 
     @property
     def study_dir(self) -> Path:
@@ -78,6 +104,19 @@ class StudySpec:
     def fingerprint(self) -> str:
         """A hash of the study as parsed (comments and key order do not count)."""
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stage1_trials(plan: ModelPlan) -> int:
+    """A model's stage-1 trials: ``stage1_trials``, else its sweep's ``run_cap`` (a study with a time budget
+    shares it out over a known number of runs)."""
+    if plan.stage1_trials:
+        return plan.stage1_trials
+    raw = plan.sweep if isinstance(plan.sweep, dict) else load_sweep_file(plan.sweep)
+    cap = raw.get("run_cap")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ConfigError(f"the study's time is shared out over its runs: give models.{plan.name}.stage1_trials "
+                          f"or run_cap in its sweep")
+    return cap
 
 
 def _overrides(value: Any, where: str) -> list[str]:
@@ -129,7 +168,8 @@ def _path(value: Any, base: Path, where: str) -> Path:
     return p
 
 
-def load_study_file(path: str | Path, out: str | Path | None = None) -> StudySpec:
+def load_study_file(path: str | Path, out: str | Path | None = None, time: str | float | None = None) -> StudySpec:
+    """Parse a study file; ``time`` (``--time``) replaces its ``time`` key, and counts in its fingerprint."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file not found: {path}")
@@ -175,5 +215,9 @@ def load_study_file(path: str | Path, out: str | Path | None = None) -> StudySpe
             sweep_set=_overrides(m.get("sweep_set"), f"{where}.sweep_set"),
             final_set=_overrides(final.get("set"), f"{where}.final.set")))
     out_dir = Path(out) if out is not None else Path(raw.get("out") or "studies")
-    return StudySpec(name=name, path=path, out=out_dir, overrides=_overrides(raw.get("set"), "set"), models=models,
-                     raw=raw)
+    if time is not None:
+        raw = {**raw, "time": time}
+    spec = StudySpec(name=name, path=path, out=out_dir, overrides=_overrides(raw.get("set"), "set"), models=models,
+                     raw=raw, time=total_seconds("--time" if time is not None else "time", raw.get("time")),
+                     time_split=parse_split(raw.get("time_split")))
+    return spec

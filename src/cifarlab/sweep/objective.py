@@ -154,7 +154,7 @@ class Objective(ClaimingObjective):
         try:
             cfg = self.run.spec.trial_config(self.run.base, values)
             fit(cfg, run_dir.parent, run_dir.name, data=self._load(cfg), quiet=True, overwrite=True,
-                on_epoch_end=self._reporter(trial, cfg.train.epochs, r), trackers=trackers)
+                on_epoch_end=self._reporter(trial, cfg, r), trackers=trackers)
             r.state = "complete"
         except optuna.TrialPruned as e:
             r.state, r.message = "pruned", str(e)
@@ -194,8 +194,9 @@ class Objective(ClaimingObjective):
             self.handled.add(trial.number)
             raise _OverBudget(f"trial {trial.number} not run: budget of {self.run.budget} reached")
 
-    def _reporter(self, trial, epochs: int, r: TrialResult):
-        """The ``on_epoch_end`` of a trial: record the epoch in the storage, report the metric, maybe prune."""
+    def _reporter(self, trial, cfg, r: TrialResult):
+        """The ``on_epoch_end`` of a trial: record the epoch in the storage, report the metric, maybe prune.
+        ``cfg`` is the trial's config as ``fit`` trains it: a time budget's plan sets its epochs inside ``fit``."""
         import optuna
 
         run, metric = self.run, self.run.spec.metric
@@ -210,6 +211,7 @@ class Objective(ClaimingObjective):
             if value == "" or not math.isfinite(float(value)):
                 return
             trial.report(float(value), epoch)
+            epochs = cfg.train.epochs
             if epoch < epochs and trial.should_prune():  # a trial at its last epoch has cost all it will
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}/{epochs}")
 

@@ -17,6 +17,7 @@ import yaml
 
 from ..errors import CifarlabError, ConfigError
 from .objective import Worker
+from .shares import sweep_share, total_seconds, with_share
 from .spec import base_config, load_sweep_file, parse_sweep
 from .storage import (DEFAULT_HEARTBEAT, check_same_sweep, counted, default_storage, free_study_name, make_pruner,
                       open_storage, redact)
@@ -27,7 +28,8 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
               study: str | None = None, out: str | Path = "sweeps", config: str | Path | None = None,
               overrides: list[str] | None = None, heartbeat: int = DEFAULT_HEARTBEAT, seed: int | None = None,
               wandb: bool = False, quiet: bool = False, trackers: list[str] | None = None,
-              new_study: bool = False) -> dict[str, Any]:
+              new_study: bool = False, time: str | float | None = None,
+              trial_time: float | None = None) -> dict[str, Any]:
     """Run (or continue) the sweep described by a W&B sweep file; returns a summary of the study.
 
     ``trials`` is the study's total budget (W&B's ``run_cap``), counted across all workers and
@@ -36,6 +38,9 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
     it is refused, or with ``new_study`` a new study (``NAME-2``, ``NAME-3``, ...) is started.
     ``trackers``: ``wandb`` (as ``wandb=True``), ``mlflow``, ``tensorboard``, one tracker run per trial
     (:mod:`cifarlab.trackers`; W&B logs offline under the sweep directory, one group per study).
+    ``time``: the sweep's total wall-clock budget (``--time 2h``, else the file's ``cifarlab.time``), shared
+    out as each trial's ``train.time_budget`` (:mod:`.shares`); ``trial_time``: that share itself, in seconds
+    (a study gives its phases' shares).
     """
     import optuna
 
@@ -52,6 +57,12 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
     raw = load_sweep_file(sweep_file)
     base = base_config(raw, sweep_file, config, overrides)
     spec = parse_sweep(raw, base)
+    budget = trials or spec.run_cap or (spec.grid_size() if spec.method == "grid" else None)  # W&B: the whole grid
+    if spec.method == "grid" and budget is not None and budget > spec.grid_size():
+        if not quiet:
+            print(f"grid of {spec.grid_size()} points: budget lowered from {budget}")
+        budget = spec.grid_size()
+    base, spec = _time_shares(raw, base, spec, budget, workers, time, trial_time, quiet)
     make_pruner(spec, base)  # its own checks, before anything is written
     name = study or spec.name or Path(sweep_file).stem
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
@@ -60,7 +71,6 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
         name = free_study_name(name, spec.raw, out, storage)
     sweep_dir = Path(out) / name
     url = storage or default_storage(sweep_dir)
-    budget = trials or spec.run_cap or (spec.grid_size() if spec.method == "grid" else None)  # W&B: the whole grid
     if budget is None and storage is None and not (sweep_dir / "study.db").is_file():
         raise ConfigError("no trial budget: give --trials N or run_cap in the sweep file")  # before creating files
     if budget is not None and budget < 1:
@@ -110,6 +120,30 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
         raise SweepInterrupted(f"sweep {name} interrupted: {summary['counted']} of {budget} trials done; "
                                f"run the same command again to continue")
     return summary
+
+
+def _time_shares(raw: dict[str, Any], base: dict[str, Any], spec, trials: int | None, workers: int,
+                 time: str | float | None, trial_time: float | None, quiet: bool):
+    """The base config and spec with each trial's share of the total budget as ``train.time_budget``
+    (unchanged without a total)."""
+    where = "--time" if time is not None else "cifarlab.time"
+    total = None
+    if trial_time is None:
+        total = total_seconds(where, time if time is not None else (raw.get("cifarlab") or {}).get("time"))
+        if total is None:
+            return base, spec
+    if trial_time is not None:
+        share = float(trial_time)
+    elif trials is None:
+        raise ConfigError(f"{where} is shared out over the trials: give --trials N or run_cap in the sweep file")
+    else:
+        share = sweep_share(total, trials, workers, where)
+    searched = {p.name for p in spec.params} | (set(spec.constants) - {"train.epochs"})
+    base = with_share(base, share, searched, where)
+    if total is not None and not quiet:
+        print(f"time budget {total:g}s over {trials} trial(s), {workers} at a time: train.time_budget={share:g}s "
+              f"per trial")
+    return base, parse_sweep(raw, base)
 
 
 def study_summary(study, budget: int | None = None) -> dict[str, Any]:

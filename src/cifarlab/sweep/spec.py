@@ -11,6 +11,7 @@ One key is cifarlab's own, ignored by W&B, so a file stays valid for both::
       config: ../cnn.yaml          # base run config: a path (relative to this file) or an inline mapping
       set: {train.epochs: 4}       # overrides of the base (a mapping or a list of "key=value")
       map: {learning_rate: optim.lr}  # names of a foreign sweep file -> config keys
+      time: 2h                     # total wall-clock budget, shared out over the trials (sweep/shares.py)
 
 Parameter names address the run config as ``section.key`` (``optim.lr``, ``model.embed_dim``);
 W&B's nested form (``model: {parameters: {embed_dim: ...}}``) means the same. A bare name
@@ -35,7 +36,7 @@ from ..errors import ConfigError
 # W&B keys that describe how W&B launches or files a run: accepted, ignored.
 IGNORED_KEYS = {"program", "command", "entity", "project", "description", "controller", "job", "image_uri"}
 TOP_KEYS = {"name", "method", "metric", "parameters", "early_terminate", "run_cap", "cifarlab"} | IGNORED_KEYS
-EXTENSION_KEYS = {"config", "set", "map"}
+EXTENSION_KEYS = {"config", "set", "map", "time"}
 METHODS = ("random", "grid", "bayes")
 
 # W&B distributions Optuna cannot sample (it draws from bounded ranges and finite sets only).

@@ -153,8 +153,8 @@ def make_pruner(spec: SweepSpec, base: dict[str, Any]):
         return optuna.pruners.NopPruner()
     if hb.max_resource is not None:
         max_resource: int | str = hb.max_resource
-    elif "train.epochs" in {p.name for p in spec.params}:
-        max_resource = "auto"  # Optuna takes the longest trial it has seen
+    elif "train.epochs" in {p.name for p in spec.params} or spec.trial_config(base, {}).train.time_budget:
+        max_resource = "auto"  # Optuna takes the longest trial it has seen (a time budget plans each one's epochs)
     else:
         max_resource = spec.trial_config(base, {}).train.epochs
         if max_resource < hb.min_resource:
@@ -186,7 +186,8 @@ def check_same_sweep(stored: dict | None, current: dict, name: str) -> None:
     if diff:
         shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise ConfigError(f"study {name!r} was run with another base config ({shown}): continue it with the "
-                          f"same --config, --set and --epochs, or start a new study with --study NAME or --new-study")
+                          f"same --config, --set, --epochs and --time, or start a new study with --study NAME or "
+                          f"--new-study")
 
 
 def base_difference(stored: dict | None, current: dict | None) -> list[str]:
