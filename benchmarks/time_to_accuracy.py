@@ -3,7 +3,7 @@
     python benchmarks/time_to_accuracy.py CONFIG [--target 0.94] [--budget-minutes M] [--seeds N]
                                           [--data PATH] [--set section.key=value ...]
     python benchmarks/time_to_accuracy.py CONFIG --probe STEPS    # throughput only, synthetic data
-    python benchmarks/time_to_accuracy.py CONFIG --epochs-for-minutes M ...  # probe, then size the run to M
+    python benchmarks/time_to_accuracy.py CONFIG --epochs-for-minutes M ...  # size the run to M minutes
 
 Trains with ``cifarlab.train.fit`` on the config's split (the configs use the study's 40k/10k split)
 and, after each epoch, scores the TEST set with that epoch's evaluation weights (the EMA when
@@ -25,6 +25,11 @@ As in airbench (Jordan, 2024), results are reported over seeds as mean and sprea
 of the configured model, augmentation and optimizer on random images, and one test-time-augmented
 forward pass of 1000 images, in wall and process CPU time, and prints the estimated minutes per
 40k-image epoch and for the configured epochs. CPU time is the figure that survives a busy machine.
+
+``--epochs-for-minutes M`` sizes the run as ``cifarlab train --time`` does, with the trainer's own plan
+(:func:`cifarlab.train.budget.plan`): it times the first steps of the configured model on the loaded data, then
+sets ``train.steps`` and ``train.epochs`` (the last one partial) so that the schedule, with its warm-up at the
+same share, ends at M minutes; every seed trains that plan.
 """
 
 from __future__ import annotations
@@ -75,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe", type=int, default=0, metavar="STEPS",
                    help="only time STEPS training steps on synthetic data and estimate the run's minutes")
     p.add_argument("--epochs-for-minutes", type=float, default=None, metavar="M",
-                   help="first probe the step time (30 steps), then set train.epochs to what fits in M training "
-                        "minutes, scaling the warm-up with it (on a machine whose speed is not known yet)")
+                   help="time the first steps on the data, then set train.steps and train.epochs to what fits in "
+                        "M training minutes, scaling the warm-up with them (the plan of cifarlab train --time)")
     args = p.parse_args(argv)
     if not 0 < args.target <= 1:
         p.error("--target must be in (0, 1]")
@@ -236,14 +241,25 @@ def probe(cfg: RunConfig, steps: int, n_train: int = 40000, n_test: int = 10000)
             "eval_cpu_minutes_per_epoch": n_test * ecpu / 1000 / 60}
 
 
-def size_epochs(cfg: RunConfig, minutes: float, minutes_per_epoch: float) -> RunConfig:
-    """``cfg`` with as many epochs as fit in ``minutes`` (at least one), the warm-up kept the same share of
-    the run and validation at the end only."""
+def size_to_minutes(cfg: RunConfig, data: ImageData, minutes: float) -> tuple[RunConfig, str]:
+    """``cfg`` sized to ``minutes`` of training by the plan of ``--time`` (:func:`cifarlab.train.budget.plan`),
+    timed on ``data`` with validation at the end only, as :func:`run_once` trains; and the line that says so.
+    The sized config keeps ``train.time_budget`` and its planned ``train.steps``: ``fit`` trains that plan
+    without timing again."""
+    from cifarlab.train import budget
+    from cifarlab.train.loop import setup
+
     cfg = copy.deepcopy(cfg)
-    epochs = max(1, int(minutes / minutes_per_epoch))
-    cfg.optim.warmup_epochs = round(cfg.optim.warmup_epochs * epochs / cfg.train.epochs, 3)
-    cfg.train.epochs = cfg.train.val_every = epochs
-    return cfg
+    cfg.train.time_budget = minutes * 60
+    cfg.train.val_every = cfg.train.epochs  # the plan prices one validation, at the end
+    parts = setup(cfg, data)
+    plan = budget.plan(parts, time.perf_counter())
+    line = (f"sized: {cfg.train.batch_size / plan.step_seconds:.0f} images/s ({parts.rt.precision}, batch "
+            f"{cfg.train.batch_size}), {plan.step_seconds * len(parts.batches):.1f} s per epoch -> "
+            f"{cfg.train.epochs} epochs in {minutes} min (train.epochs={cfg.train.epochs} "
+            + (f"optim.warmup_fraction={cfg.optim.warmup_fraction})" if cfg.optim.warmup_fraction else
+               f"optim.warmup_epochs={cfg.optim.warmup_epochs})") + f", {plan.steps} steps")
+    return cfg, line
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -261,15 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
         res = {"config": args.config, **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}}
         print(json.dumps(res), flush=True)
         return res
-    if args.epochs_for_minutes:
-        res = probe(cfg, 30, n_train=cfg.data.train_size or 40000)
-        cfg = size_epochs(cfg, args.epochs_for_minutes, res["minutes_per_epoch"])
-        print(f"sized: {res['images_per_second']:.0f} images/s ({res['precision']}, batch {res['batch_size']}), "
-              f"{res['minutes_per_epoch'] * 60:.1f} s per epoch -> {cfg.train.epochs} epochs in "
-              f"{args.epochs_for_minutes} min (train.epochs={cfg.train.epochs} "
-              + (f"optim.warmup_fraction={cfg.optim.warmup_fraction})" if cfg.optim.warmup_fraction else
-                 f"optim.warmup_epochs={cfg.optim.warmup_epochs})"), flush=True)
     data = load_data(cfg.data)
+    if args.epochs_for_minutes:
+        cfg, line = size_to_minutes(cfg, data, args.epochs_for_minutes)
+        print(line, flush=True)
     print(f"{args.config}: {cfg.model.name}, {len(data.train_x)} train images, {len(data.test_x)} test images, "
           f"{cfg.train.epochs} epochs, tta {cfg.train.tta}, torch threads {torch.get_num_threads()}", flush=True)
     runs = []

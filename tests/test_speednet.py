@@ -215,16 +215,30 @@ def test_denormals_benchmark_times_both_settings_and_restores_the_default(traine
     assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # flush-to-zero is off again afterwards
 
 
-def test_size_epochs_fills_the_minutes_and_keeps_the_warmup_share():
+def test_epochs_for_minutes_is_the_time_budget_plan(small_folder, tmp_path, monkeypatch):
+    """--epochs-for-minutes sizes the run with cifarlab train --time's plan: the same steps, epochs and warm-up
+    as a --time run of the same config (fixed step costs, as in tests/test_time_budget.py)."""
+    import yaml
+
+    from cifarlab.data import load_data
+    from cifarlab.train import budget, fit
+
+    monkeypatch.setattr(budget, "_time_steps", lambda parts: 0.05)
+    monkeypatch.setattr(budget, "_time_validation", lambda parts: 0.2)
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: 0.0)
     bench = load_benchmark("time_to_accuracy")
-    cfg = load_config(REPO / "configs" / "resnet18-gpu.yaml", ["optim.warmup_epochs=38.4"])  # 192 epochs, 20%
-    sized = bench.size_epochs(cfg, minutes=3.0, minutes_per_epoch=0.04)
-    assert sized.train.epochs == 75 and sized.train.val_every == 75
-    assert sized.optim.warmup_epochs == pytest.approx(15.0)
-    shared = bench.size_epochs(load_config(REPO / "configs" / "resnet18-gpu.yaml"), 3.0, 0.04)  # the YAML's share
-    assert shared.optim.warmup_fraction == 0.2 and shared.optim.warmup_epochs == 0
-    assert cfg.train.epochs == 192  # the input is left as it was
-    assert bench.size_epochs(cfg, minutes=1.0, minutes_per_epoch=5.0).train.epochs == 1  # never zero
+    over = tiny_overrides(small_folder, **{"train.epochs": 20, "optim.schedule": "linear", "optim.warmup_epochs": 4})
+    cfg = load_config(REPO / "configs" / "cnn.yaml", over)
+    sized, line = bench.size_to_minutes(cfg, load_data(cfg.data), 0.05)
+    fit(load_config(REPO / "configs" / "cnn.yaml", over + ["train.time_budget=3s", "train.val_every=20"]),
+        tmp_path, "timed", quiet=True)
+    timed = yaml.safe_load((tmp_path / "timed" / "config.yaml").read_text())
+    assert (sized.train.steps, sized.train.epochs) == (timed["train"]["steps"], timed["train"]["epochs"])
+    assert sized.optim.warmup_epochs == timed["optim"]["warmup_epochs"] < 4  # the same share of fewer epochs
+    assert 1 < sized.train.epochs < 20 and sized.train.val_every == sized.train.epochs
+    assert f"-> {sized.train.epochs} epochs in 0.05 min (train.epochs={sized.train.epochs} optim.warmup_epochs=" \
+           f"{sized.optim.warmup_epochs}), {sized.train.steps} steps" in line
+    assert cfg.train.epochs == 20 and not cfg.train.steps  # the input is left as it was
 
 
 def test_time_to_accuracy_sizes_the_run_from_a_probe(small_folder, capsys):
