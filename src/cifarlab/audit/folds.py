@@ -26,6 +26,7 @@ from ..evaluation.loader import load_model
 from ..io import atomic_write, atomic_write_text
 from ..models import classifier_name
 from ..train.group import GroupRunner, Member, _comparable, seed_status
+from .neighbors import normalize
 
 
 def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -113,42 +114,72 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+def fold_predictions(run_dir: Path, k: int, data, fold_of: np.ndarray) -> dict[str, np.ndarray]:
+    """Fold ``k``'s logits on its held-out training images (``held``), the validation and test images, and for
+    fold 0 every image's features (train, val, test stacked; unit rows in float16: half the bytes to keep
+    and to share through a storage, and cosine distances to ~1e-3). Kept in ``run_dir/audit.npz``, reused while
+    newer than the weights, or when the fold was trained on another machine (``remote.json``)."""
+    cache, best = run_dir / "audit.npz", run_dir / "best.safetensors"
+    if cache.is_file() and ((run_dir / "remote.json").is_file()
+                            or (best.is_file() and cache.stat().st_mtime >= best.stat().st_mtime)):
+        with np.load(cache) as z:
+            return dict(z)
+    held = np.flatnonzero(fold_of == k)
+    images = [data.train_x[torch.from_numpy(held)], data.val_x, data.test_x]
+    if k == 0:  # the first fold's model gives every image's features (one feature space for all)
+        images.append(data.train_x)
+    out_l, out_f = logits_and_features(run_dir, images)
+    res = dict(zip(("held", "val", "test"), out_l[:3]))
+    if k == 0:
+        ft = np.concatenate([f for f in (out_f[3], out_f[1], out_f[2]) if f is not None])
+        res["features"] = normalize(ft).numpy().astype(np.float16)
+    atomic_write(cache, lambda f: np.savez(f, **res))
+    return res
+
+
+def fold_is_remote(run_dir: Path) -> bool:
+    """Trained on another machine of a shared audit (``--storage``): its predictions were fetched."""
+    return (run_dir / "remote.json").is_file() and (run_dir / "audit.npz").is_file()
+
+
 def cross_fit(cfg: RunConfig, data, out: Path, folds: int, *, overwrite: bool = False, quiet: bool = False,
-              log: Callable[[str], None] = print, fit_fn: Callable | None = None):
+              log: Callable[[str], None] = print, fit_fn: Callable | None = None, storage: str | None = None,
+              heartbeat: int = 10, poll: float = 5.0):
     """(probs per split, features of every image stacked train/val/test) from K folds trained under
-    ``out/folds``. Each fold's predictions are kept in its ``audit.npz`` (reused while newer than its weights)."""
+    ``out/folds``. Each fold's predictions are kept in its ``audit.npz`` (:func:`fold_predictions`).
+
+    ``storage`` (an SQLAlchemy URL): the folds are claimed through it by every process started with the same
+    command, here and on other machines (:mod:`.claimed`); this returns once all are done, with the folds
+    that others trained fetched from the storage."""
     folder = out / "folds"
+    if storage and overwrite:
+        raise CifarlabError("--overwrite with --storage: the folds in the storage are shared; use another storage "
+                            "or drop --overwrite")
     check_folds(folder, cfg, folds, overwrite)
     fold_of = assign_folds(data.train_y.numpy(), folds, cfg.data.seed)
     members = fold_members(cfg, data.paths["train"], fold_of, folder)
-    runner = GroupRunner(folder, quiet=quiet, fit_fn=fit_fn, log=lambda m: log(f"audit folds: {m}"))
+    if storage:
+        from .claimed import claimed_folds
+
+        claimed_folds(cfg, members, data, fold_of, folder, storage, heartbeat=heartbeat, poll=poll, quiet=quiet,
+                      log=log, fit_fn=fit_fn)
+    else:
+        runner = GroupRunner(folder, quiet=quiet, fit_fn=fit_fn, log=lambda m: log(f"audit folds: {m}"))
+        for k, m in enumerate(members):
+            if fold_done(folder / m.name) or fold_is_remote(folder / m.name):
+                log(f"audit folds: {m.label} already done")
+            else:
+                runner.run(m)
+            fold_predictions(folder / m.name, k, data, fold_of)
     train_p = np.zeros((len(data.train_y), data.num_classes), np.float32)
     val_p = np.zeros((len(data.val_y), data.num_classes), np.float32)
     test_p = np.zeros((len(data.test_y), data.num_classes), np.float32)
     features = None
     for k, m in enumerate(members):
-        if fold_done(folder / m.name):
-            log(f"audit folds: {m.label} already done")
-        else:
-            runner.run(m)
-        held = np.flatnonzero(fold_of == k)
-        cache = folder / m.name / "audit.npz"
-        best = folder / m.name / "best.safetensors"
-        if cache.is_file() and cache.stat().st_mtime >= best.stat().st_mtime:
-            z = np.load(cache)
-            lg, va, te, ft = z["held"], z["val"], z["test"], (z["features"] if k == 0 else None)
-        else:
-            images = [data.train_x[torch.from_numpy(held)], data.val_x, data.test_x]
-            if k == 0:  # the first fold's model gives every image's features (one feature space for all)
-                images.append(data.train_x)
-            out_l, out_f = logits_and_features(folder / m.name, images)
-            lg, va, te = out_l[:3]
-            ft = np.concatenate([f for f in (out_f[3], out_f[1], out_f[2]) if f is not None]) if k == 0 else None
-            extra = {"features": ft} if ft is not None else {}
-            atomic_write(cache, lambda f: np.savez(f, held=lg, val=va, test=te, **extra))
-        train_p[held] = softmax(lg)
-        val_p += softmax(va) / folds
-        test_p += softmax(te) / folds
-        if ft is not None:
-            features = ft
+        z = fold_predictions(folder / m.name, k, data, fold_of)
+        train_p[fold_of == k] = softmax(z["held"])
+        val_p += softmax(z["val"]) / folds
+        test_p += softmax(z["test"]) / folds
+        if k == 0:
+            features = z["features"].astype(np.float32)
     return {"train": train_p, "val": val_p, "test": test_p}, features

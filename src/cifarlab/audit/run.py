@@ -119,9 +119,10 @@ def analyse(data, probs: dict[str, np.ndarray | None], features: np.ndarray, out
 
 def audit_data(cfg: RunConfig, out: str | Path, *, folds: int = 4, overwrite: bool = False, quiet: bool = False,
                log: Callable[[str], None] = print, fit_fn: Callable | None = None, time: str | float | None = None,
-               **kw) -> dict[str, Any]:
+               storage: str | None = None, heartbeat: int = 10, poll: float = 5.0, **kw) -> dict[str, Any]:
     """The audit by K-fold cross-fitting of ``cfg`` (see :mod:`.folds`). ``time``: the whole audit's duration;
-    each fold trains to ``train.time_budget`` = its share (:func:`fold_time_budget`)."""
+    each fold trains to ``train.time_budget`` = its share (:func:`fold_time_budget`). ``storage``: the folds
+    are claimed through it by every process started alike, on any machine (:mod:`.claimed`)."""
     out = Path(out)
     data = load_data(cfg.data)
     apply_data_defaults(cfg, data)
@@ -130,7 +131,8 @@ def audit_data(cfg: RunConfig, out: str | Path, *, folds: int = 4, overwrite: bo
         cfg.train.time_budget, cfg.train.steps = f"{per_fold:.0f}s", 0
         log(f"audit --time {time}: {folds} folds of {per_fold:.0f}s of training each, {reserve:.0f}s set aside "
             f"for decoding, predictions, neighbours and the report")
-    probs, features = cross_fit(cfg, data, out, folds, overwrite=overwrite, quiet=quiet, log=log, fit_fn=fit_fn)
+    probs, features = cross_fit(cfg, data, out, folds, overwrite=overwrite, quiet=quiet, log=log, fit_fn=fit_fn,
+                                storage=storage, heartbeat=heartbeat, poll=poll)
     return analyse(data, probs, features, out, meta=f"{data.source} · {folds} folds of {cfg.model.name}", **kw)
 
 

@@ -30,6 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time", metavar="DURATION", help="the whole audit's time (90s, 20m, 1.5h): an estimate for "
                    "decoding, predictions, neighbours and the report is set aside, and each fold trains to an "
                    "equal share of the rest (its train.time_budget)")
+    p.add_argument("--storage", metavar="URL", help="share the folds with audits on other machines through this "
+                   "SQLAlchemy URL (postgresql://user:pass@host/db, sqlite:///path.db): every process started with "
+                   "the same command claims folds no one holds; each fold is trained once; each process, once all "
+                   "are done, writes the whole audit to its -o")
+    p.add_argument("--heartbeat", type=int, default=10, metavar="SECONDS", help="with --storage: heartbeat "
+                   "interval; a fold silent for 3 intervals goes back to the queue (default: 10)")
     p.add_argument("--rank", choices=["self_confidence", "normalized_margin"], default="self_confidence",
                    help="label quality score the issues are ranked by (default: self_confidence)")
     p.add_argument("--dup-threshold", type=float, default=0.1, metavar="D", help="largest combined distance "
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             cfg, name = default_config(overrides)
         print(f"audit: {args.folds} folds of {name}")
         res = audit_data(cfg, args.out, folds=args.folds, overwrite=args.overwrite, quiet=args.quiet,
-                         time=args.time, **kw)
+                         time=args.time, storage=args.storage, heartbeat=args.heartbeat, **kw)
     print(f"label issues: {res['label_issues']} (ranked: {', '.join(res['ranked_splits'])}); duplicate pairs: "
           f"{res['duplicates']} ({res['leaks']} leaks across train and validation/test); odd images: "
           f"{res['outliers']}")
