@@ -15,6 +15,7 @@ from cifarlab.train.muon import CUBIC, Muon, newton_schulz
 from cifarlab.train.optim import build_optimizer
 
 from .conftest import REPO
+from .interrupts import ctrl_c_at
 from .test_resume import _cli, _sets, assert_same_run
 
 
@@ -58,8 +59,6 @@ def test_bad_muon_settings_are_one_line_errors():
 
 
 def test_a_muon_run_learns_and_resumes_bit_exact(small_folder, tmp_path, monkeypatch, capsys):
-    import cifarlab.train.loop as loop
-
     sets = _sets(small_folder, **{"train.epochs": 3, "optim.name": "muon", "optim.lr": 0.05, "optim.aux": "sgd",
                                   "optim.aux_lr": 0.02, "optim.schedule": "linear", "optim.weight_decay": 0.0005})
     args = ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path), *sets]
@@ -68,15 +67,7 @@ def test_a_muon_run_learns_and_resumes_bit_exact(small_folder, tmp_path, monkeyp
     first, last = (float(r.split(",")[1]) for r in (rows[0], rows[-1]))
     assert last < first  # the training loss falls
 
-    real = loop.step_seed
-
-    def step_seed(seed, epoch, step, *rest):
-        if (epoch, step) == (1, 3):
-            signal.raise_signal(signal.SIGINT)
-        return real(seed, epoch, step, *rest)
-
-    monkeypatch.setattr(loop, "step_seed", step_seed)
-    assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
-    monkeypatch.setattr(loop, "step_seed", real)
+    with ctrl_c_at(monkeypatch, epoch=1, step=3):
+        assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
     assert _cli("train", "--resume", str(tmp_path / "run")) == 0
     assert_same_run(tmp_path / "run", tmp_path / "clean")

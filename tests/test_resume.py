@@ -29,6 +29,7 @@ from cifarlab.train.checkpoint import load_checkpoint
 
 from . import pause
 from .conftest import REPO, tiny_overrides
+from .interrupts import ctrl_c_at
 
 # Dropout (cnn's classifier), the study's augmentation, an EMA, a lookahead and a per-step schedule with warm-up:
 # every piece of state a resume has to restore.
@@ -155,23 +156,14 @@ def test_sigkill_then_sigterm_then_resume_matches_an_uninterrupted_run(small_fol
 # --------------------------------------------------------------------------- in process: SIGINT at a chosen step
 def test_sigint_mid_epoch_then_resume_is_bit_exact(small_folder, tmp_path, monkeypatch, capsys):
     """Ctrl-C at a known step (raised from inside the loop): exit 130, a checkpoint of that step, exact resume."""
-    import cifarlab.train.loop as loop
-
     args = ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path),
             *_sets(small_folder, **{"train.epochs": 3})]
     assert _cli(*args, "--name", "clean") == 0
 
-    real = loop.step_seed
-
-    def step_seed(seed, epoch, step, *rest):  # called once per training step, before the forward pass
-        if (epoch, step) == (1, 6):
-            signal.raise_signal(signal.SIGINT)
-        return real(seed, epoch, step, *rest)
-
-    monkeypatch.setattr(loop, "step_seed", step_seed)
     capsys.readouterr()
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest was started in the background
-    assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
+    with ctrl_c_at(monkeypatch, epoch=1, step=6):
+        assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
     err = capsys.readouterr().err.strip().splitlines()
     run = tmp_path / "run"
     assert err == [f"cifarlab: error: stopped by SIGINT in epoch 2 at step 7; checkpoint written. "
@@ -180,7 +172,6 @@ def test_sigint_mid_epoch_then_resume_is_bit_exact(small_folder, tmp_path, monke
     assert (st["epoch"], st["step"]) == (1, 7)  # the step that was running finished, then the checkpoint
     assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
 
-    monkeypatch.setattr(loop, "step_seed", real)
     assert _cli("train", "--resume", str(run)) == 0
     assert_same_run(run, tmp_path / "clean")
 
@@ -192,7 +183,6 @@ def test_fp16_loss_scale_is_checkpointed_and_resumed(small_folder, tmp_path, mon
     first steps overflow (as they do on a GPU from the default 65536 with larger losses)."""
     import functools
 
-    import cifarlab.train.loop as loop
     import cifarlab.train.runtime as runtime
 
     monkeypatch.setattr(runtime, "resolve_precision", lambda precision, device: "fp16")
@@ -200,18 +190,10 @@ def test_fp16_loss_scale_is_checkpointed_and_resumed(small_folder, tmp_path, mon
     args = ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path),
             *_sets(small_folder, **{"train.epochs": 2})]
     assert _cli(*args, "--name", "clean") == 0
-    real = loop.step_seed
-
-    def step_seed(seed, epoch, step, *rest):
-        if (epoch, step) == (0, 20):
-            signal.raise_signal(signal.SIGINT)
-        return real(seed, epoch, step, *rest)
-
-    monkeypatch.setattr(loop, "step_seed", step_seed)
-    assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
+    with ctrl_c_at(monkeypatch, epoch=0, step=20):
+        assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
     scaler = load_checkpoint(tmp_path / "run" / "last.pt")["scaler"]
     assert scaler["scale"] < 2.0**30  # overflowing steps were skipped and the scale came down
-    monkeypatch.setattr(loop, "step_seed", real)
     assert _cli("train", "--resume", str(tmp_path / "run")) == 0
     assert_same_run(tmp_path / "run", tmp_path / "clean")
 

@@ -58,23 +58,14 @@ def test_a_killed_budget_run_resumes_into_its_plan_bit_exact(small_folder, tmp_p
     again, and ends as the uninterrupted run did."""
     import signal
 
-    import cifarlab.train.loop as loop
-
+    from .interrupts import ctrl_c_at
     from .test_resume import _cli, _sets, assert_same_run
 
     args = ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path), "--time", "6s",
             *_sets(small_folder, **{"train.val_every": 1, "train.epochs": 2})]
     assert _cli(*args, "--name", "clean") == 0
-    real = loop.step_seed
-
-    def step_seed(seed, epoch, step, *rest):
-        if (epoch, step) == (1, 20):
-            signal.raise_signal(signal.SIGINT)
-        return real(seed, epoch, step, *rest)
-
-    monkeypatch.setattr(loop, "step_seed", step_seed)
-    assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
-    monkeypatch.setattr(loop, "step_seed", real)
+    with ctrl_c_at(monkeypatch, epoch=1, step=20):
+        assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
     monkeypatch.setattr(budget, "_time_steps", lambda parts: pytest.fail("a resumed run planned again"))
     assert _cli("train", "--resume", str(tmp_path / "run")) == 0
     assert_same_run(tmp_path / "run", tmp_path / "clean")
