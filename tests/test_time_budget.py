@@ -34,6 +34,7 @@ def fixed_costs(monkeypatch):
     monkeypatch.setattr(budget, "_time_validation", lambda parts: 0.2)
     clock = iter(range(10**6))
     monkeypatch.setattr(budget.time, "perf_counter", lambda: float(next(clock)) * 0.0)
+    monkeypatch.setattr(budget, "_step_clock", lambda: 0.0)  # the run's own steps: no correction of the plan
 
 
 def test_a_budget_sets_the_steps_and_the_schedule_ends_with_them(small_folder, tmp_path, fixed_costs):
@@ -72,3 +73,42 @@ def test_a_killed_budget_run_resumes_into_its_plan_bit_exact(small_folder, tmp_p
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
     assert saved["steps"] > 0 and load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]["global_step"] == \
         saved["steps"]
+
+
+def test_the_plan_is_corrected_once_from_the_runs_own_steps(small_folder, tmp_path, fixed_costs, monkeypatch):
+    """The copies' steps said 0.05 s; the run's own steps take 0.1 s. After REPLAN_FRACTION of the plan (step 5
+    of 34, in the first 6-step epoch) the run is re-planned for what is left: 2.94 s hold 19 more steps and four
+    validations (1.9 + 0.8 = 2.7 s; 20 more would need a fifth epoch: 3.0 s), 24 in all. The schedule is rebuilt
+    for 24 steps from step 5 on and ends with them; config.yaml and the checkpoint hold the new plan."""
+    from cifarlab.train.optim import build_scheduler
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(budget, "_step_clock", lambda: next(ticks) * 0.1)
+    over = tiny_overrides(small_folder, **{"train.time_budget": "3s", "optim.schedule": "linear",
+                                           "optim.warmup_fraction": 0.1, "train.val_every": 1})
+    cfg = load_config(REPO / "configs" / "cnn.yaml", over)
+    summary = fit(cfg, tmp_path, "b", quiet=True)
+    saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["train"]
+    assert (saved["steps"], saved["epochs"]) == (24, 4) and summary["epochs"] == 4
+    ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ckpt["train_state"]["global_step"] == 24 and ckpt["config"]["train"]["steps"] == 24
+    assert ckpt["scheduler"]["last_epoch"] == 24
+    # The last step's learning rate is the 24-step schedule's own: the decay ended with the run.
+    import torch
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched, _ = build_scheduler(opt, cfg.optim, 4, 6, total_steps=24)
+    for _ in range(24):
+        opt.step()
+        sched.step()
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+
+
+def test_a_checkpoint_written_before_the_correction_resumes_with_its_own_plan():
+    """Killed between the correction and the next checkpoint: config.yaml has the new plan, the checkpoint the
+    old one it was written under; the resume takes the checkpoint's (the steps before it were trained so)."""
+    cfg = load_config(None, ["train.time_budget=3s", "train.steps=24", "train.epochs=4"])
+    budget.adopt_checkpoint_plan(cfg, {"config": {"train": {"steps": 34, "epochs": 6, "val_every": 1}}})
+    assert (cfg.train.steps, cfg.train.epochs, cfg.train.val_every) == (34, 6, 1)
+    plain = load_config(None, ["train.steps=24", "train.epochs=4"])  # no budget: nothing to adopt
+    budget.adopt_checkpoint_plan(plain, {"config": {"train": {"steps": 34, "epochs": 6}}})
+    assert (plain.train.steps, plain.train.epochs) == (24, 4)

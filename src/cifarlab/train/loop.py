@@ -370,13 +370,17 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
     log = (lambda *a: None) if quiet or not dist.is_main() else tqdm.write
     if r.note:
         log(r.note)
+    budget.adopt_checkpoint_plan(cfg, r.state, log)
     parts = setup(cfg, data, restore=r, log=log)
     parts.run_dir = run_dir
     state = restore(parts, r, log)
+    replan = []
     if cfg.train.time_budget and r.fresh and not cfg.train.steps:  # a resume keeps its plan (config.yaml)
         log(f"data loaded in {parts.data_seconds:.1f}s (not counted in the time budget)")
-        state.wall_seconds = budget.plan(parts, started + parts.data_seconds, log).spent
+        p = budget.plan(parts, started + parts.data_seconds, log)
+        state.wall_seconds = p.spent
         build_optimization(parts)
+        replan = [budget.Replan(p, len(parts.batches), log)]
     parts.train_model = dist.wrap_ddp(maybe_compile(parts.model, cfg.train.compile), parts.rt.device)
     open_run(parts, r, state, resume=resume, overwrite=overwrite, trackers=trackers)
     rt, data = parts.rt, parts.data
@@ -384,7 +388,7 @@ def fit(cfg: RunConfig, out_dir: str | Path = "runs", name: str | None = None, *
         f"{rt.precision}{' channels-last' if rt.channels_last else ''} | {len(data.train_x)} train / "
         f"{len(data.val_x)} val{f' | {dist.world_size()} processes' if dist.world_size() > 1 else ''}")
     with SignalGuard() as guard:
-        run_epochs(parts, state, default_callbacks(guard, log, trackers, on_epoch_end))
+        run_epochs(parts, state, replan + default_callbacks(guard, log, trackers, on_epoch_end))
     summary = summarize(parts, state, log)
     if guard.signum is not None:  # it came after the last step: the run is finished and written, now stop
         log(f"{signal.Signals(guard.signum).name} after the last step: the run is finished; stopping")
