@@ -180,3 +180,61 @@ def test_audit_default_recipe_trains_3_epochs_and_set_overrides(small_folder):
     assert cfg.model.name == "speednet" and cfg.train.epochs == AUDIT_EPOCHS == 3 and "train.epochs=3" in name
     cfg, _ = default_config([f"data.path={small_folder}", "train.epochs=5"])
     assert cfg.train.epochs == 5
+
+
+def _smooth_images(n: int, size: int = 32, seed: int = 0):
+    """Random smooth images (noise upsampled), like photos at low frequencies."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, size // 4, size // 4, generator=g), size=size, mode="bilinear")
+    return (x * 255).to(torch.uint8)
+
+
+def test_shifted_and_cropped_copies_are_near_duplicates_by_pixels_alone():
+    """Features that know nothing (random): the spectra find the shifted copy, the shift-tolerant thumbnail
+    distance confirms it; a 2-pixel wrap-around shift and a 3-pixel crop-and-pad both count."""
+    import torch
+
+    from cifarlab.audit.duplicates import (find_duplicates, grey_thumbnails, pixel_hashes, shift_distance,
+                                           spectra, thumbnails)
+    from cifarlab.audit.neighbors import normalize
+
+    x = _smooth_images(60)
+    x[50] = torch.roll(x[3], 2, dims=2)  # shifted down 2 pixels, wrapped
+    x[51] = torch.nn.functional.pad(x[9][:, :, 3:], (0, 3), mode="replicate")  # cropped 3 columns, padded back
+    splits = np.array(["train"] * 45 + ["test"] * 15)
+    feats = normalize(torch.randn(60, 16, generator=torch.Generator().manual_seed(1)))
+    feats[50], feats[51] = feats[3], feats[9]  # a model that sees them alike (the pixel side is under test)
+    grey = grey_thumbnails([x])
+    a, b = torch.tensor([3, 9, 0]), torch.tensor([50, 51, 1])
+    d = shift_distance(grey, a, b)
+    assert d[0] < 0.02 and d[1] < 0.05 and d[2] > 0.1, d  # the unrelated pair stays far
+    plain = 1 - (thumbnails([x])[a] * thumbnails([x])[b]).sum(1)
+    assert plain[0] > 2 * d[0]  # what the fixed 8 x 8 thumbnails see of the shift
+    pairs = find_duplicates(pixel_hashes([x]), feats, thumbnails([x]), splits, grey=grey, spectra=spectra([x]))
+    assert [(p.a, p.b, p.kind) for p in pairs] == [(3, 50, "leak-near"), (9, 51, "leak-near")]
+
+
+def test_look_alike_images_do_not_flood_the_duplicates():
+    """30 noisy variants of one image (a product photographed many times) are all mutually close: the ratio test
+    reports none of them, while a planted copy elsewhere, much closer than its neighbourhood, is still found."""
+    import torch
+
+    from cifarlab.audit.duplicates import find_duplicates, grey_thumbnails, pixel_hashes, spectra, thumbnails
+    from cifarlab.audit.neighbors import normalize
+
+    x = _smooth_images(80, seed=2)
+    g = torch.Generator().manual_seed(3)
+    for i in range(30):
+        x[i] = (x[0].float() + torch.randn(x[0].shape, generator=g) * 4).clamp(0, 255).to(torch.uint8)
+    x[70] = (x[60].float() * 0.95 + 6).to(torch.uint8)
+    splits = np.array(["train"] * 80)
+    feats = normalize(x.float().flatten(1))
+    args = (pixel_hashes([x]), feats, thumbnails([x]), splits)
+    kw = {"grey": grey_thumbnails([x]), "spectra": spectra([x])}
+    pairs = find_duplicates(*args, **kw)
+    assert [(p.a, p.b) for p in pairs] == [(60, 70)], [(p.a, p.b, round(p.distance, 3)) for p in pairs]
+    flood = find_duplicates(*args, **kw, ratio=float("inf"))  # no ratio test: every look-alike candidate counts
+    assert len(flood) >= 30 and all(p.distance < 0.1 for p in flood)

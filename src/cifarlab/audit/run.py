@@ -17,7 +17,7 @@ from ..data import load_data
 from ..data.dataset import apply_data_defaults
 from ..errors import CifarlabError
 from ..io import atomic_write, atomic_write_text
-from .duplicates import find_duplicates, pixel_hashes, thumbnails
+from .duplicates import find_duplicates, grey_thumbnails, pixel_hashes, spectra, thumbnails
 from .folds import cross_fit, logits_and_features, softmax
 from .label_issues import find_label_issues
 from .neighbors import normalize
@@ -62,7 +62,8 @@ def _write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> Non
 
 
 def analyse(data, probs: dict[str, np.ndarray | None], features: np.ndarray, out: Path, *,
-            method: str = "self_confidence", dup_threshold: float = 0.1, meta: str = "") -> dict[str, Any]:
+            method: str = "self_confidence", dup_threshold: float = 0.1, meta: str = "",
+            model_of: Callable[[int], Path] | None = None) -> dict[str, Any]:
     """Everything after the probabilities: ``probs`` per split (None: no out-of-sample probabilities, not
     ranked), ``features`` (N, d) of all images stacked train, val, test."""
     xs = [getattr(data, f"{s}_x") for s in SPLITS]
@@ -84,7 +85,7 @@ def analyse(data, probs: dict[str, np.ndarray | None], features: np.ndarray, out
 
     feats = normalize(features)
     pairs = find_duplicates(pixel_hashes(_chunks(xs)), feats, thumbnails(_chunks(xs)), split_of,
-                            threshold=dup_threshold)
+                            grey=grey_thumbnails(_chunks(xs)), spectra=spectra(_chunks(xs)), threshold=dup_threshold)
     dups = [{"i": p.a, "j": p.b, "path_a": paths[p.a], "split_a": split_of[p.a], "path_b": paths[p.b],
              "split_b": split_of[p.b], "distance": p.distance, "kind": p.kind, "y": int(y_all[p.a])} for p in pairs]
 
@@ -107,7 +108,7 @@ def analyse(data, probs: dict[str, np.ndarray | None], features: np.ndarray, out
     from ..report.audit import write_audit_html
 
     html = write_audit_html(out, image, {"label_issues": issues, "duplicates": dups, "outliers": odd}, classes,
-                            meta)
+                            meta, model_of=model_of)  # model_of: whose Grad-CAM shows beside each label issue
     summary = {"label_issues": len(issues), "ranked_splits": ranked, "duplicates": len(dups),
                "leaks": sum(d["kind"].startswith("leak") for d in dups), "outliers": len(odd),
                "outlier_kinds": {k: sum(o["kind"] == k for o in odd) for k in ("constant", "dark", "bright", "far")},
@@ -133,7 +134,10 @@ def audit_data(cfg: RunConfig, out: str | Path, *, folds: int = 4, overwrite: bo
             f"for decoding, predictions, neighbours and the report")
     probs, features = cross_fit(cfg, data, out, folds, overwrite=overwrite, quiet=quiet, log=log, fit_fn=fit_fn,
                                 storage=storage, heartbeat=heartbeat, poll=poll)
-    return analyse(data, probs, features, out, meta=f"{data.source} · {folds} folds of {cfg.model.name}", **kw)
+    from ..report.audit import fold_models  # the heatmaps in audit.html: each image by the fold that scored it
+
+    return analyse(data, probs, features, out, meta=f"{data.source} · {folds} folds of {cfg.model.name}",
+                   model_of=fold_models(out / "folds", data.train_y.numpy(), folds, cfg.data.seed), **kw)
 
 
 def audit_run(run_dir: str | Path, out: str | Path, **kw) -> dict[str, Any]:
@@ -148,4 +152,4 @@ def audit_run(run_dir: str | Path, out: str | Path, **kw) -> dict[str, Any]:
     probs = {"train": None, "val": softmax(logits[1]), "test": softmax(logits[2])}
     features = np.concatenate([f for f in feats if f is not None])
     return analyse(data, probs, torch.from_numpy(features).numpy(), Path(out), meta=f"{data.source} · run {run_dir}",
-                   **kw)
+                   model_of=lambda i: run_dir, **kw)
