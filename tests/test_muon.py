@@ -51,11 +51,44 @@ def test_muon_takes_the_filters_and_leaves_the_head_biases_and_norms_to_the_aux_
     assert len(kind) == len(list(model.parameters()))  # every parameter has exactly one home
 
 
+def test_the_head_can_have_its_own_lr_as_in_airbench94_muon():
+    model = create_model("cnn", 10, widths=[8, 16, 32], hidden=32)
+    cfg = load_config(None, ["optim.name=muon", "optim.lr=0.24", "optim.aux_lr=0.053", "optim.head_lr=0.67"])
+    opt = build_optimizer(model, cfg.optim)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    head = model.model_spec.head
+    for name, p in model.named_parameters():
+        want = 0.67 if name.startswith(head + ".") else 0.24 if p.ndim >= 2 else 0.053
+        assert lr[id(p)] == pytest.approx(want), name
+    assert len(lr) == len(list(model.parameters()))
+
+
+def test_normalized_muon_holds_each_filter_banks_norm_and_moves_its_direction():
+    """airbench94_muon's variant: before each step the filters are rescaled to norm sqrt(out); the update is
+    the orthogonalized momentum at lr, not rescaled by the shape (muon_rms_scale off)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4, 3, 3) * 3)
+    opt = Muon([{"params": [w], "kind": "muon"}], lr=0.1, momentum=0.0, normalize=True, rms_scale=False)
+    g = torch.randn_like(w)
+    w.grad = g.clone()
+    before = w.detach().clone()
+    opt.step()
+    expect = before * (8 ** 0.5 / before.norm()) - 0.1 * newton_schulz(g.reshape(8, -1)).view_as(g)
+    assert torch.allclose(w.detach(), expect, atol=1e-5)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    # after a step the norm drifts by at most the update's; the next step rescales it first
+    assert abs(w.detach().norm().item() - 8 ** 0.5) < 0.1 * newton_schulz(g.reshape(8, -1)).norm().item() + 1e-4
+
+
 def test_bad_muon_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="optim.aux"):
         load_config(None, ["optim.name=muon", "optim.aux=lion"])
     with pytest.raises(ConfigError, match="optim.name"):
         load_config(None, ["optim.name=muom"])
+    with pytest.raises(ConfigError, match="optim.head_lr"):
+        load_config(None, ["optim.name=muon", "optim.head_lr=-1"])
 
 
 def test_a_muon_run_learns_and_resumes_bit_exact(small_folder, tmp_path, monkeypatch, capsys):

@@ -99,6 +99,9 @@ class OptimConfig:
     muon_ns_steps: int = 5  # Newton-Schulz iterations per update
     aux: str = "sgd"  # sgd | adamw: the optimizer of the parameters Muon does not suit (momentum / betas above)
     aux_lr: float = 0.0  # their peak lr (0 = optim.lr)
+    head_lr: float = 0.0  # the head's peak lr under Muon (0 = aux_lr's); airbench94_muon: 0.67 (biases 0.053)
+    muon_normalize: bool = False  # rescale each filter bank to norm sqrt(out) before its step (airbench94_muon)
+    muon_rms_scale: bool = True  # scale the update by sqrt(max(1, rows/cols)) (Keller Jordan's Muon); airbench: off
 
 
 @dataclass
@@ -249,6 +252,7 @@ class RunConfig:
         _check(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "must be in [0, 1)")
         _check(1 <= o.muon_ns_steps <= 50, "optim.muon_ns_steps", o.muon_ns_steps, "must be in [1, 50]")
         _check(o.aux in ("sgd", "adamw"), "optim.aux", o.aux, "must be sgd or adamw")
+        _check(o.head_lr >= 0, "optim.head_lr", o.head_lr, "must be >= 0")
         _check(o.aux_lr >= 0, "optim.aux_lr", o.aux_lr, "must be >= 0 (0: optim.lr)")
         _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be a positive number")
         _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")

@@ -44,9 +44,10 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, groups: Iterable[dict], lr: float, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, aux_momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+                 eps: float = 1e-8, weight_decay: float = 0.0, normalize: bool = False, rms_scale: bool = True):
         defaults = dict(lr=lr, kind="muon", momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        aux_momentum=aux_momentum, betas=betas, eps=eps, weight_decay=weight_decay)
+                        aux_momentum=aux_momentum, betas=betas, eps=eps, weight_decay=weight_decay,
+                        normalize=normalize, rms_scale=rms_scale)
         super().__init__(list(groups), defaults)
 
     @torch.no_grad()
@@ -71,8 +72,11 @@ class Muon(torch.optim.Optimizer):
         d = p.grad.add(buf, alpha=g["momentum"]) if g["nesterov"] else buf
         m = d.reshape(len(d), -1)  # conv filters (out, in, k, k) as (out, in*k*k)
         update = newton_schulz(m, g["ns_steps"]).to(p.dtype)
+        if g["normalize"]:  # airbench94_muon: the filter bank's norm is held at sqrt(out), the step moves its direction
+            p.mul_(math.sqrt(len(p)) / (p.norm() + 1e-12))
         # Unit RMS per element whatever the shape: scale by sqrt(max(1, rows / cols)) (Keller Jordan's Muon).
-        p.add_(update.view_as(p), alpha=-g["lr"] * math.sqrt(max(1.0, m.shape[0] / m.shape[1])))
+        scale = math.sqrt(max(1.0, m.shape[0] / m.shape[1])) if g["rms_scale"] else 1.0
+        p.add_(update.view_as(p), alpha=-g["lr"] * scale)
 
     @staticmethod
     def _sgd(p: torch.Tensor, g: dict, state: dict) -> None:
@@ -93,18 +97,24 @@ class Muon(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-g["lr"] / (1 - b1 ** t))
 
 
-def muon_groups(groups: list[dict], head_ids: set[int], aux: str, aux_lr_scale: float) -> list[dict]:
-    """Split each optimizer group into Muon's part (matrices and filters, not the head) and the auxiliary
-    optimizer's (the rest), keeping the group's own settings; the auxiliary part's lr is scaled by
-    ``aux_lr_scale`` (``optim.aux_lr / optim.lr``)."""
+def muon_groups(groups: list[dict], skip_ids: set[int], aux: str, aux_lr_scale: float, *,
+                head_ids: set[int] = frozenset(), head_lr_scale: float | None = None) -> list[dict]:
+    """Split each optimizer group into Muon's part (matrices and filters, not ``skip_ids``: the head,
+    embeddings) and the auxiliary optimizer's (the rest), keeping the group's own settings; the auxiliary
+    part's lr is scaled by ``aux_lr_scale`` (``optim.aux_lr / optim.lr``), the head's (``head_ids``) by
+    ``head_lr_scale`` when given (``optim.head_lr / optim.lr``)."""
     out = []
     for g in groups:
         params = [p for p in g["params"] if p.requires_grad]
-        mats = [p for p in params if p.ndim >= 2 and id(p) not in head_ids]
-        rest = [p for p in params if not (p.ndim >= 2 and id(p) not in head_ids)]
+        mats = [p for p in params if p.ndim >= 2 and id(p) not in skip_ids]
+        rest = [p for p in params if not (p.ndim >= 2 and id(p) not in skip_ids)]
+        head = [p for p in rest if id(p) in head_ids] if head_lr_scale is not None else []
+        rest = [p for p in rest if not any(p is h for h in head)]
         scale = g.get("lr_scale", 1.0)
         if mats:
             out.append({**g, "params": mats, "kind": "muon", "lr_scale": scale})
         if rest:
             out.append({**g, "params": rest, "kind": aux, "lr_scale": scale * aux_lr_scale})
+        if head:
+            out.append({**g, "params": head, "kind": aux, "lr_scale": head_lr_scale})
     return out

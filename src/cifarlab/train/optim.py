@@ -55,14 +55,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float | None =
 def _muon(model: torch.nn.Module, groups: list[dict], cfg: OptimConfig, lr: float) -> Muon:
     """Muon on the matrices and filters; the head (its spec's) and embeddings on ``optim.aux``."""
     spec = getattr(model, "model_spec", None)
-    skip = {id(p) for n, p in model.named_parameters()
-            if n.endswith(("cls_token", "pos_embed")) or (spec is not None and (n == spec.head or
-                                                                                  n.startswith(spec.head + ".")))}
-    groups = muon_groups(groups, skip, cfg.aux, (cfg.aux_lr or lr) / lr)
+    head = {id(p) for n, p in model.named_parameters()
+            if spec is not None and (n == spec.head or n.startswith(spec.head + "."))}
+    skip = head | {id(p) for n, p in model.named_parameters() if n.endswith(("cls_token", "pos_embed"))}
+    groups = muon_groups(groups, skip, cfg.aux, (cfg.aux_lr or lr) / lr, head_ids=head,
+                         head_lr_scale=cfg.head_lr / lr if cfg.head_lr else None)
     for g in groups:
         g["lr"] = lr * g.pop("lr_scale", 1.0)
     return Muon(groups, lr=lr, momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.muon_ns_steps,
-                aux_momentum=cfg.momentum, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+                aux_momentum=cfg.momentum, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                normalize=cfg.muon_normalize, rms_scale=cfg.muon_rms_scale)
 
 
 def _fusable(groups: list[dict]) -> bool | None:
