@@ -141,6 +141,73 @@ class Predictor:
             bar.update(len(chunk))
         bar.close()
 
+    # ------------------------------------------------------------ explanation
+    def check_explainable(self) -> None:
+        """An :class:`cifarlab.evaluation.explain.ExplainError` (one line) when the model has no layer for Grad-CAM."""
+        from .evaluation.explain import explain_layer
+
+        explain_layer(self.model, torch.zeros(1, 3, self.image_size, self.image_size, device=self.device))
+
+    def explain(self, images: Sequence[ImageInput], targets: Sequence[int] | None = None, batch_size: int = 64,
+                backend: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Grad-CAM (:mod:`cifarlab.evaluation.explain`) of each image, one view (no test-time augmentation):
+        (the images as the model saw them (N, S, S, 3) uint8, their maps (N, S, S) in [0, 1], the explained
+        classes (N,)). ``targets``: a class index per image; None: the model's prediction."""
+        from .evaluation.explain import heatmaps
+
+        rgb = np.stack([self.to_uint8(im) for im in images]) if len(images) else \
+            np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        maps, classes = heatmaps(self.model, torch.from_numpy(rgb).permute(0, 3, 1, 2), self.norm, targets,
+                                 device=self.device, backend=backend, batch_size=batch_size)
+        return rgb, maps, classes
+
+
+def write_overlays(predictor: Predictor, preds: Sequence[Prediction], items: Sequence[ImageInput],
+                   out_dir: str | Path, batch_size: int = 64) -> list[Path]:
+    """One PNG per image in ``out_dir``: the image and, beside it, the Grad-CAM map of its predicted class over
+    it (:func:`cifarlab.evaluation.explain.side_by_side`), named after the input file (``cat.jpg`` ->
+    ``cat.png``; ``cat-2.png`` for a second ``cat.*``). The PNG's text fields name the image, the class and its
+    probability."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from .evaluation.explain import side_by_side
+    from .io import atomic_write
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CifarlabError(f"--explain {out_dir}: exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = overlay_names([p.source for p in preds])
+    written = []
+    for start in range(0, len(preds), batch_size):
+        chunk = list(preds[start:start + batch_size])
+        rgb, maps, _ = predictor.explain(list(items[start:start + len(chunk)]), [p.indices[0] for p in chunk],
+                                         batch_size=batch_size)
+        for p, image, heat, name in zip(chunk, rgb, maps, names[start:start + len(chunk)]):
+            info = PngInfo()
+            for key, value in (("image", p.source), ("explained", p.label), ("prob", f"{p.prob:.6f}"),
+                               ("method", "Grad-CAM")):
+                info.add_text(key, value)
+            pic = Image.fromarray(side_by_side(image, heat))
+            atomic_write(out_dir / name, lambda f: pic.save(f, format="PNG", pnginfo=info))
+            written.append(out_dir / name)
+    return written
+
+
+def overlay_names(sources: Sequence[str]) -> list[str]:
+    """``<stem>.png`` per source (a file path, or ``image[i]``), ``<stem>-2.png``... where stems repeat."""
+    used: set[str] = set()
+    out = []
+    for src in sources:
+        stem = "".join(c if c.isalnum() or c in "-_.[]" else "_" for c in Path(src).stem) or "image"
+        name, k = f"{stem}.png", 1
+        while name in used:
+            k += 1
+            name = f"{stem}-{k}.png"
+        used.add(name)
+        out.append(name)
+    return out
+
 
 def run_tta(path: str | Path, meta: dict | None = None) -> str:
     """The test-time augmentation ``cifarlab evaluate`` used for a run, so that predictions reproduce its

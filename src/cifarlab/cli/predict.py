@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tta", choices=["none", "flip", "flip_translate"], help="test-time augmentation (default: "
                    "what cifarlab evaluate used for the run, so the predictions match its accuracy)")
+    p.add_argument("--explain", metavar="DIR", help="also write one PNG per image into DIR (named after the image): "
+                   "the image and, beside it, its Grad-CAM heatmap for the predicted class (where the model found "
+                   "the evidence for it); Captum computes it when installed (pip install 'cifarlab[explain]')")
     p.set_defaults(func=run)
 
 
@@ -36,16 +39,31 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import tta_label
 
     predictor = Predictor.from_run(args.run_dir, device=args.device, tta=args.tta)
+    if args.explain:
+        predictor.check_explainable()  # before any output: a model with no layer to explain is a one-line error
     print(f"predict: {tta_label(predictor.tta)}" + (" (as cifarlab evaluate; --tta none for one view)"
           if args.tta is None and predictor.tta != "none" else ""), file=sys.stderr)
     items = expand_inputs(args.images)
     preds = predictor.iter_predict(items, top_k=args.top_k, batch_size=args.batch_size)
+    done: list = []  # the predictions written, for --explain's overlays
     try:
-        _write(preds, args.format, sys.stdout)
+        _write(_keep(preds, done), args.format, sys.stdout)
     except BrokenPipeError:  # `cifarlab predict ... | head`: the reader left; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         preds.close()  # closes the progress bar
+    if args.explain:
+        from ..predict import write_overlays
+
+        files = write_overlays(predictor, done, items[:len(done)], args.explain, batch_size=min(args.batch_size, 64))
+        print(f"predict: {len(files)} Grad-CAM overlays (image | heatmap of the predicted class) in {args.explain}",
+              file=sys.stderr)
     return 0
+
+
+def _keep(preds, done: list):
+    for p in preds:
+        done.append(p)
+        yield p
 
 
 def _write(preds, fmt: str, out) -> None:

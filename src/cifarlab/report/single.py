@@ -47,6 +47,23 @@ def load_test_images(run: RunFiles, data_path: str | None = None) -> tuple[np.nd
     return data.test_x.numpy(), None
 
 
+def wrong_heatmaps(run: RunFiles, images: np.ndarray, predicted: list[int]) -> tuple[np.ndarray | None, str | None]:
+    """Overlays (N, 3, H, W) uint8 of each image's Grad-CAM for its predicted class by the run's best weights
+    (:mod:`cifarlab.evaluation.explain`, on the CPU), or (None, reason): a report is written without them."""
+    import torch
+
+    from ..evaluation.explain import heatmaps, overlay
+    from ..evaluation.loader import load_model
+
+    try:
+        loaded = load_model(run.run_dir, "cpu")
+        maps, _ = heatmaps(loaded.model, torch.from_numpy(np.ascontiguousarray(images)), loaded.normalize, predicted)
+    except CifarlabError as e:
+        return None, str(e)
+    rgb = images.transpose(0, 2, 3, 1)
+    return np.stack([overlay(im, m) for im, m in zip(rgb, maps)]).transpose(0, 3, 1, 2), None
+
+
 def run_summary_rows(run: RunFiles, m: dict[str, Any]) -> list[tuple[str, Any]]:
     s = run.summary
     return [
@@ -107,11 +124,22 @@ def make_report(run_dir: str | Path, *, data_path: str | None = None) -> Path:
         warnings.append(f"most-confidently-wrong grid skipped: {why}")
     elif len(wrong_idx):
         caps = [f"true: {w['true']}\npred: {w['predicted']} ({w['confidence']:.0%})" for w in wrong]
+        grid, colours, about = images[wrong_idx], ["#a00000"] * len(caps), ""
+        heat, why_not = wrong_heatmaps(run, grid, [int(ex["preds"][i]) for i in wrong_idx])
+        if heat is None:
+            warn(f"{run.run_dir}: no heatmaps in the most-confidently-wrong grid: {why_not}")
+            warnings.append(f"no heatmaps in the most-confidently-wrong grid: {why_not}")
+        else:  # each image, then its heatmap: four pairs a row
+            grid = np.stack([c for pair in zip(grid, heat) for c in pair])
+            caps = [c for cap, w in zip(caps, wrong) for c in (cap, f"Grad-CAM:\n{w['predicted']}")]
+            colours = [x for c in colours for x in (c, "black")]
+            about = (" Beside each image, its Grad-CAM heatmap for the predicted (wrong) class: where the model "
+                     "found the evidence for it (warm colours: the most).")
         figs.append(("Most confidently wrong test images", figures.image_grid(
-            images[wrong_idx], caps, f"{title}: the {len(wrong_idx)} most confidently wrong test images",
-            out / "confidently_wrong.png", ncols=8, caption_colours=["#a00000"] * len(caps)),
+            grid, caps, f"{title}: the {len(wrong_idx)} most confidently wrong test images",
+            out / "confidently_wrong.png", ncols=8, caption_colours=colours),
             "Misclassified test images with the highest predicted probability, most confident first; the "
-            "caption gives the true class, the predicted class and its probability."))
+            "caption gives the true class, the predicted class and its probability." + about))
 
     metrics_json = {
         "run": run.name, "run_dir": str(run.run_dir), "model": run.config.model.name,
