@@ -98,11 +98,14 @@ def _studies(storage, name: str, folds: int):
     return study, files
 
 
-def claimed_folds(cfg: RunConfig, members: list[Member], data, fold_of: np.ndarray, folder: Path, storage_url: str,
-                  *, heartbeat: int = 10, poll: float = 5.0, quiet: bool = False, log: Callable[[str], None] = print,
+def claimed_folds(cfg: RunConfig, members: list[Member], folder: Path, storage_url: str, *,
+                  done: Callable[[Path], bool], predict: Callable[[int, Path], dict[str, np.ndarray]],
+                  heartbeat: int = 10, poll: float = 5.0, quiet: bool = False, log: Callable[[str], None] = print,
                   fit_fn: Callable | None = None) -> None:
     """Train this machine's share of the folds into ``folder``; return once all are done and every fold's
-    ``audit.npz`` is in ``folder`` (trained here, or fetched)."""
+    ``audit.npz`` is in ``folder`` (trained here, or fetched). ``done(run_dir)``: whether a fold's run is
+    finished; ``predict(k, run_dir)``: fold k's predictions, written to its ``audit.npz``
+    (:func:`cifarlab.audit.folds.fold_done`, :func:`cifarlab.audit.folds.fold_predictions`)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -133,7 +136,7 @@ def claimed_folds(cfg: RunConfig, members: list[Member], data, fold_of: np.ndarr
             said_waiting = True
         return "wait"
 
-    objective = _FoldObjective(members, data, fold_of, folder, study, files, quiet, log, fit_fn)
+    objective = _FoldObjective(members, folder, study, files, done, predict, quiet, log, fit_fn)
     try:
         claim_loop(study, objective, grace=GRACE_FACTOR * heartbeat, poll=poll, next_step=next_step)
     except StopClaiming as e:
@@ -147,9 +150,9 @@ class _FoldObjective(ClaimingObjective):
     """One claimed trial: the fold it holds, trained here (or resumed), predicted, and its predictions put into
     the storage."""
 
-    def __init__(self, members, data, fold_of, folder: Path, study, files, quiet: bool, log, fit_fn):
+    def __init__(self, members, folder: Path, study, files, done, predict, quiet: bool, log, fit_fn):
         super().__init__()
-        self.members, self.data, self.fold_of, self.folder = members, data, fold_of, folder
+        self.members, self.folder, self.done, self.predict = members, folder, done, predict
         self.study, self.files, self.log = study, files, log
         self.runner = GroupRunner(folder, quiet=quiet, fit_fn=fit_fn, log=lambda m: log(f"audit folds: {m}"))
 
@@ -159,8 +162,6 @@ class _FoldObjective(ClaimingObjective):
     def __call__(self, trial) -> float:
         import optuna
         from optuna.trial import TrialState
-
-        from .folds import fold_done, fold_predictions
 
         self.claim(trial)
         if _fold_of(self.study._storage.get_trial(trial._trial_id)) is None:
@@ -177,9 +178,9 @@ class _FoldObjective(ClaimingObjective):
         try:
             if (run_dir / "remote.json").is_file():
                 shutil.rmtree(run_dir)  # fetched before, from a claim that was later lost: train it here
-            if not fold_done(run_dir):
+            if not self.done(run_dir):
                 self.runner.run(m)
-            z = fold_predictions(run_dir, k, self.data, self.fold_of)
+            z = self.predict(k, run_dir)
         except Interrupted as e:
             # Not a CifarlabError to Optuna, which would take it as the fold's own failure: the fold goes back to
             # the queue; this machine's checkpoint stays.

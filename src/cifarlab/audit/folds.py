@@ -161,8 +161,9 @@ def cross_fit(cfg: RunConfig, data, out: Path, folds: int, *, overwrite: bool = 
     if storage:
         from .claimed import claimed_folds
 
-        claimed_folds(cfg, members, data, fold_of, folder, storage, heartbeat=heartbeat, poll=poll, quiet=quiet,
-                      log=log, fit_fn=fit_fn)
+        claimed_folds(cfg, members, folder, storage, done=fold_done,
+                      predict=lambda k, run_dir: fold_predictions(run_dir, k, data, fold_of),
+                      heartbeat=heartbeat, poll=poll, quiet=quiet, log=log, fit_fn=fit_fn)
     else:
         runner = GroupRunner(folder, quiet=quiet, fit_fn=fit_fn, log=lambda m: log(f"audit folds: {m}"))
         for k, m in enumerate(members):

@@ -42,7 +42,8 @@ def fold_time_budget(total: str | float, images: int, folds: int) -> tuple[float
     per_fold = float(int((seconds - reserve) / folds))
     if per_fold < MIN_FOLD_SECONDS:
         raise CifarlabError(f"--time {total}: {per_fold:.0f}s a fold after {reserve:.0f}s set aside for "
-                            f"{images} images; give at least {folds * MIN_FOLD_SECONDS + reserve:.0f}s, or fewer --folds")
+                            f"{images} images; give at least {folds * MIN_FOLD_SECONDS + reserve:.0f}s, "
+                            f"or fewer --folds")
     return per_fold, reserve
 
 

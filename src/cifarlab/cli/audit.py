@@ -39,8 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", choices=["self_confidence", "normalized_margin"], default="self_confidence",
                    help="label quality score the issues are ranked by (default: self_confidence)")
     p.add_argument("--dup-threshold", type=float, default=0.1, metavar="D", help="largest combined distance "
-                   "(the mean of the feature cosine distance and the shift-tolerant thumbnail distance) of a near-duplicate pair "
-                   "(default: 0.1)")
+                   "(the mean of the feature cosine distance and the shift-tolerant thumbnail distance) of a "
+                   "near-duplicate pair (default: 0.1)")
     p.add_argument("--overwrite", action="store_true", help="train the folds again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_out_arg(p, "folder for the CSVs, audit.html and the folds (default: audit)", default="audit")
