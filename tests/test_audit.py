@@ -238,3 +238,71 @@ def test_look_alike_images_do_not_flood_the_duplicates():
     assert [(p.a, p.b) for p in pairs] == [(60, 70)], [(p.a, p.b, round(p.distance, 3)) for p in pairs]
     flood = find_duplicates(*args, **kw, ratio=float("inf"))  # no ratio test: every look-alike candidate counts
     assert len(flood) >= 30 and all(p.distance < 0.1 for p in flood)
+
+
+def _clustered(n: int, d: int, centres: int, seed: int):
+    import torch
+
+    from cifarlab.audit.neighbors import normalize
+
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, d, generator=g)
+    return normalize(c[torch.randint(0, centres, (n,), generator=g)] + 0.6 * torch.randn(n, d, generator=g))
+
+
+def test_bucketed_knn_finds_most_neighbours_and_every_planted_pair():
+    import torch
+
+    from cifarlab.audit.neighbors import knn, knn_buckets, normalize, search
+
+    x = _clustered(3000, 16, 20, 0)
+    g = torch.Generator().manual_seed(1)
+    x[2900:] = normalize(x[:100] + 0.02 * torch.randn(100, 16, generator=g))  # 100 near duplicates of 0..99
+    d, idx = knn_buckets(x, 5, lists=40, probe=6)
+    ref_d, ref_i = knn(x, 5)
+    assert (idx != np.arange(3000)[:, None]).all() and (idx >= 0).all()  # never itself; always k found
+    assert (np.diff(d, axis=1) >= -1e-6).all()  # nearest first
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(idx.tolist(), ref_i.tolist())])
+    assert recall >= 0.9, recall
+    assert all(idx[2900 + i, 0] == i and idx[i, 0] == 2900 + i for i in range(100))  # every planted pair, first
+    hit = idx == ref_i  # where they agree, the distances are the exact ones
+    assert np.allclose(d[hit], ref_d[hit], atol=1e-5)
+    q = x[:50] + 0.01
+    dq, iq = knn_buckets(x, 3, queries=normalize(q), exclude_self=False, lists=40, probe=6)
+    assert (iq[:, 0] == np.arange(50)).all()
+    # search: exact up to exact_max, buckets above
+    assert (search(x, 5, exact_max=10_000)[1] == ref_i).all()
+    assert (search(x, 5, exact_max=1000)[1] == knn_buckets(x, 5)[1]).all()
+
+
+@pytest.mark.parametrize("method", ["exact", "buckets"])
+def test_benchmark_neighbors_finds_the_planted_pairs(method, capsys):
+    import json
+
+    from .conftest import load_benchmark
+
+    bench = load_benchmark("audit")
+    assert bench.main(["neighbors", "--n", "3000", "--dim", "24", "--planted", "100", "--method", method,
+                       "--check", "100"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the last line is the JSON
+    assert res["method"] == method and res["planted_recall"] == 1.0 and res["all_found"]
+    assert res["peak_rss_mib"] > 0 and "O(N" in res["complexity"]
+    assert method == "exact" or 0 < res["recall_vs_exact"] <= 1
+
+
+def test_benchmark_flips_scores_the_planted_flips(small_folder, tmp_path, capsys):
+    import csv
+    import json
+
+    from .conftest import REPO, load_benchmark, tiny_overrides
+
+    bench = load_benchmark("audit")
+    sets = [a for o in tiny_overrides(small_folder, **{"data.path": None, "train.epochs": 1}) for a in ("--set", o)]
+    assert bench.main(["flips", "--data", str(small_folder), "--flips", "30", "--folds", "2", "-c",
+                       str(REPO / "configs" / "cnn.yaml"), "-o", str(tmp_path / "o"), *sets]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["flips"] == 30 and res["train_images"] == 400 and set(res["precision_at_k"]) == {"30", "60"}
+    assert 0 <= res["auc"] <= 1 and all(0 <= v <= 1 for v in res["precision_at_k"].values())
+    rows = list(csv.DictReader(open(res["relabel"])))
+    assert len(rows) == 30 and len({r["path"] for r in rows}) == 30
+    assert all(r["path"].startswith("train/") for r in rows)

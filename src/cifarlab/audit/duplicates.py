@@ -1,7 +1,7 @@
 """Exact and near duplicates, within and across splits; pairs across train and validation / test are leaks.
 
 Exact: images whose decoded pixels hash alike (BLAKE2b of the uint8 array). Near: candidate pairs are each
-image's nearest neighbours (:func:`cifarlab.audit.neighbors.knn`) in three spaces: the fold models'
+image's nearest neighbours (:func:`cifarlab.audit.neighbors.search`) in three spaces: the fold models'
 penultimate features; small grey thumbnails (8 x 8, each standardized to zero mean and unit norm, so that a
 brightness or contrast change leaves it alike); and the magnitudes of the grey image's lowest spatial
 frequencies (:func:`spectra`: a shift moves only the phase, so a shifted or slightly cropped copy stays close
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .neighbors import knn, normalize
+from .neighbors import normalize, search
 
 THUMB = 8  # pixels per side of the grey thumbnails of the candidate search
 GREY = 16  # pixels per side of the blurred grey thumbnails of the shift-tolerant distance
@@ -121,7 +121,7 @@ def find_duplicates(hashes: list[bytes], features: torch.Tensor, thumbs: torch.T
     for vecs in (features, thumbs, spectra):
         if vecs is None:
             continue
-        _, idx = knn(vecs, k, block=block)
+        _, idx = search(vecs, k, block=block)
         for i, row in enumerate(idx):
             cand.update((min(i, j), max(i, j)) for j in row.tolist() if j >= 0)
     cand -= exact

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .neighbors import knn
+from .neighbors import search
 
 CONSTANT_STD = 0.02  # grey standard deviation in [0, 1] units below which an image is near-constant
 DARK, BRIGHT = 0.08, 0.92  # mean grey level outside which the exposure is extreme
@@ -35,7 +35,7 @@ def knn_distance(features: torch.Tensor, reference: np.ndarray, k: int = 5, bloc
     """(N,) the mean cosine distance of each image to its ``k`` nearest ``reference`` images (indices into
     ``features``, the training images; an image is not its own neighbour)."""
     ref = torch.as_tensor(reference, dtype=torch.int64)
-    d, idx = knn(features[ref], k + 1, queries=features, exclude_self=False, block=block)
+    d, idx = search(features[ref], k + 1, queries=features, exclude_self=False, block=block)
     self_hit = ref.numpy()[np.clip(idx, 0, None)] == np.arange(len(features))[:, None]
     d = np.where(self_hit | (idx < 0), np.nan, d)
     return np.nanmean(np.sort(d, 1)[:, :k], 1)  # nan (self) sorts last: k true neighbours
