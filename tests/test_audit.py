@@ -306,3 +306,39 @@ def test_benchmark_flips_scores_the_planted_flips(small_folder, tmp_path, capsys
     rows = list(csv.DictReader(open(res["relabel"])))
     assert len(rows) == 30 and len({r["path"] for r in rows}) == 30
     assert all(r["path"].startswith("train/") for r in rows)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("few", "too few images per class for 4 folds"),
+    ("exclude", "data.exclude: 'train/cat/nope.jpg' names no image"),
+    ("relabel", "unknown class 'unicorn'"),
+    ("time", "--time 5s: "),
+    ("folds", "--folds must be >= 2"),
+    ("run_storage", "--storage shares the folds of an audit by folds"),
+])
+def test_cli_audit_bad_input_is_a_one_line_error(case, match, tmp_path, capsys):
+    from cifarlab.cli.main import main
+
+    from .conftest import REPO, make_subset
+
+    data = make_subset(tmp_path / "d", 3 if case == "few" else 12, 2)
+    args = ["audit", "--data", str(data), "-c", str(REPO / "configs" / "cnn.yaml"), "-o", str(tmp_path / "o"),
+            "--set", "data.val_size=0", "--set", "train.device=cpu"]
+    edit = tmp_path / "edit.csv"
+    if case == "exclude":
+        edit.write_text("path\ntrain/cat/nope.jpg\n")
+        args += ["--set", f"data.exclude={edit}"]
+    elif case == "relabel":
+        first = sorted((data / "train" / "cat").iterdir())[0].name
+        edit.write_text(f"path,label\ntrain/cat/{first},unicorn\n")
+        args += ["--set", f"data.relabel={edit}"]
+    elif case == "time":
+        args += ["--time", "5s"]
+    elif case == "folds":
+        args += ["--folds", "1"]
+    elif case == "run_storage":
+        args = ["audit", str(tmp_path), "--storage", f"sqlite:///{tmp_path / 's.db'}", "-o", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and match in err and len(err.splitlines()) == 1, err

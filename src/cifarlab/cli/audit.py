@@ -67,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
 
     kw = {"method": args.rank, "dup_threshold": args.dup_threshold}
+    if args.run_dir and (args.storage or args.time):
+        from ..errors import CifarlabError
+
+        raise CifarlabError(f"{'--storage shares' if args.storage else '--time shares the time of'} the folds of an "
+                            f"audit by folds; an audit of RUN_DIR trains none")
     if args.run_dir:
         res = audit_run(args.run_dir, args.out, **kw)
     else:
