@@ -62,6 +62,8 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
         if not quiet:
             print(f"grid of {spec.grid_size()} points: budget lowered from {budget}")
         budget = spec.grid_size()
+    if budget is not None and budget < 1:
+        raise ConfigError(f"--trials must be >= 1, got {budget}")
     base, spec = _time_shares(raw, base, spec, budget, workers, time, trial_time, quiet)
     make_pruner(spec, base)  # its own checks, before anything is written
     name = study or spec.name or Path(sweep_file).stem
@@ -73,8 +75,6 @@ def run_sweep(sweep_file: str | Path, *, trials: int | None = None, workers: int
     url = storage or default_storage(sweep_dir)
     if budget is None and storage is None and not (sweep_dir / "study.db").is_file():
         raise ConfigError("no trial budget: give --trials N or run_cap in the sweep file")  # before creating files
-    if budget is not None and budget < 1:
-        raise ConfigError(f"--trials must be >= 1, got {budget}")
     store = open_storage(url)
 
     existing = {s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
