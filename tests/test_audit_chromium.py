@@ -54,9 +54,10 @@ def synthetic_audit(out, model_of=None):
     images[3] = 0  # a dark one among the odd images
     paths = [f"train/{CLASSES[i % 10]}/{i:04d}.png" for i in range(N_IMAGES)]
     issues = [{"i": i, "path": paths[i], "split": "train", "given": CLASSES[i % 10],
-               "suggested": CLASSES[(i + 1) % 10], "score": 0.1 * k, "y": i % 10} for k, i in enumerate(range(N_ISSUES))]
+               "suggested": CLASSES[(i + 1) % 10], "score": 0.1 * i, "y": i % 10} for i in range(N_ISSUES)]
     pairs = [{"i": 10 + k, "j": 20 + k, "path_a": paths[10 + k], "split_a": "train", "path_b": paths[20 + k],
-              "split_b": "test", "distance": 0.01 * k, "kind": "leak (near)", "y": (10 + k) % 10} for k in range(N_PAIRS)]
+              "split_b": "test", "distance": 0.01 * k, "kind": "leak (near)", "y": (10 + k) % 10}
+             for k in range(N_PAIRS)]
     odd = [{"i": i, "path": paths[i], "split": "train", "kind": "dark", "score": 0.9, "label": CLASSES[i % 10],
             "y": i % 10} for i in range(3, 3 + N_ODD)]
     return write_audit_html(out, lambda i: images[i], {"label_issues": issues, "duplicates": pairs, "outliers": odd},
