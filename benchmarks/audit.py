@@ -80,8 +80,9 @@ def data(args) -> dict:
     overrides = [f"data.path={args.data}", *args.set]
     cfg = load_config(args.config, overrides) if args.config else default_config(overrides)[0]
     t0 = time.perf_counter()
-    res = audit_data(cfg, args.out, folds=args.folds, quiet=True)
+    res = audit_data(cfg, args.out, folds=args.folds, quiet=True, time=args.time)
     return {"what": "audit", "data": args.data, "folds": args.folds, "model": cfg.model.name,
+            "epochs": cfg.train.epochs, "time": args.time,
             "seconds": round(time.perf_counter() - t0, 1),
             **{k: res[k] for k in ("label_issues", "duplicates", "leaks", "outliers", "outlier_kinds", "images")}}
 
@@ -163,6 +164,7 @@ def main(argv=None) -> int:
     d.add_argument("--folds", type=int, default=4)
     d.add_argument("-c", "--config")
     d.add_argument("--set", action="append", default=[])
+    d.add_argument("--time", help="the audit's --time (default: the recipe's epochs)")
     d.add_argument("-o", "--out", default="audit-bench")
     f = sub.add_parser("flips")
     f.add_argument("--data", required=True)
