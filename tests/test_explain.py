@@ -344,3 +344,25 @@ def test_audit_gallery_has_the_run_models_heatmaps(trained_run, tmp_path):
     shown = min(60, summary["label_issues"])
     assert page.count('class="heat"') == shown
     assert page.count('alt="Grad-CAM: ') == shown
+
+
+def test_fold_audits_explain_each_image_by_the_fold_that_held_it_out(tmp_path):
+    from cifarlab.audit.folds import assign_folds
+    from cifarlab.report.audit import fold_models
+
+    y = np.repeat(np.arange(3), 8)
+    model_of = fold_models(tmp_path, y, 4, seed=5)
+    fold_of = assign_folds(y, 4, 5)
+    assert [model_of(i) for i in range(len(y))] == [tmp_path / f"fold-{k}" for k in fold_of]
+    assert model_of(len(y)) == model_of(len(y) + 7) == tmp_path / "fold-0"  # validation and test images
+
+
+def test_audit_heatmaps_skip_a_fold_whose_weights_are_elsewhere(trained_run, tmp_path, capsys):
+    from cifarlab.report.audit import model_heatmaps
+
+    images = np.random.default_rng(0).integers(0, 256, (4, S, S, 3), dtype=np.uint8)
+    maps = model_heatmaps(lambda i: trained_run if i < 2 else tmp_path / "fold-3", lambda i: images[i],
+                          [0, 1, 2, 3], [0, 1, 2, 3])
+    assert [m is None for m in maps] == [False, False, True, True]  # another machine trained fold 3
+    assert maps[0].shape == (S, S) and 0 <= maps[0].min() and maps[0].max() <= 1
+    assert "no heatmaps from" in capsys.readouterr().err
