@@ -91,3 +91,20 @@ def test_overwrite_with_a_storage_is_refused(small_folder, tmp_path):
     cfg = load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(small_folder))
     with pytest.raises(CifarlabError, match="--overwrite with --storage"):
         audit_data(cfg, tmp_path / "o", folds=2, storage=f"sqlite:///{tmp_path / 's.db'}", overwrite=True)
+
+
+def test_the_study_is_named_by_the_config_and_the_data(small_folder, tmp_path):
+    from cifarlab.audit.claimed import study_name
+    from cifarlab.config import load_config
+    from cifarlab.data import load_data
+
+    from .conftest import make_subset
+
+    cfg = load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(small_folder))
+    data = load_data(cfg.data)
+    name = study_name(cfg, 2, data)
+    moved = load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(small_folder, **{"train.device": "cuda"}))
+    assert study_name(moved, 2, data) == name  # another machine: its device and data.path may differ
+    assert study_name(cfg, 3, data) != name
+    other = load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(make_subset(tmp_path / "o", 50, 20)))
+    assert study_name(other, 2, load_data(other.data)) != name  # the same command on other data

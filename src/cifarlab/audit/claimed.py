@@ -1,8 +1,9 @@
 """An audit's folds shared by several machines through a storage: ``cifarlab audit ... --storage URL``.
 
-Each fold is one trial of an Optuna study ``audit-<digest>`` in the storage (the digest is of the folds' count
-and the config, less its machine-local keys, so every machine started with the same command joins the same
-study), queued once with the parameter ``fold = K``. A machine claims a queued fold on the claim loop that
+Each fold is one trial of an Optuna study ``audit-<digest>`` in the storage (the digest is of the folds' count,
+the config less its machine-local keys, and the data: every image's name and label in each split; so every
+machine started with the same command on the same data joins the same study, and the same command on other
+data does not), queued once with the parameter ``fold = K``. A machine claims a queued fold on the claim loop that
 sweep workers and a study's final seeds claim on (:mod:`cifarlab.sweep.claims`), beats a heartbeat while it
 trains it into its own ``OUT/folds/fold-K/`` (an ordinary run of the group runner, as without a storage),
 predicts the fold's held-out, validation and test images (and, fold 0, every image's features) and puts
@@ -53,11 +54,15 @@ class _Duplicate(CifarlabError):
     """Another trial holds the same fold."""
 
 
-def study_name(cfg: RunConfig, folds: int) -> str:
-    """``audit-<digest>``: alike for every machine started with the same command (data.path and the device
-    may differ)."""
-    key = json.dumps({"folds": folds, "config": _comparable(cfg.to_dict())}, sort_keys=True, default=str)
-    return f"audit-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+def study_name(cfg: RunConfig, folds: int, data) -> str:
+    """``audit-<digest>``: alike for every machine started with the same command on the same data (data.path and
+    the device may differ)."""
+    h = hashlib.sha256(json.dumps({"folds": folds, "config": _comparable(cfg.to_dict())}, sort_keys=True,
+                                  default=str).encode())
+    for split in ("train", "val", "test"):
+        h.update("\n".join(data.paths.get(split) or ()).encode())
+        h.update(np.ascontiguousarray(getattr(data, f"{split}_y").numpy(), np.int64).tobytes())
+    return f"audit-{h.hexdigest()[:16]}"
 
 
 def _fold_of(t) -> int | None:
@@ -98,12 +103,13 @@ def _studies(storage, name: str, folds: int):
     return study, files
 
 
-def claimed_folds(cfg: RunConfig, members: list[Member], folder: Path, storage_url: str, *,
+def claimed_folds(cfg: RunConfig, data, members: list[Member], folder: Path, storage_url: str, *,
                   done: Callable[[Path], bool], predict: Callable[[int, Path], dict[str, np.ndarray]],
                   heartbeat: int = 10, poll: float = 5.0, quiet: bool = False, log: Callable[[str], None] = print,
                   fit_fn: Callable | None = None) -> None:
     """Train this machine's share of the folds into ``folder``; return once all are done and every fold's
-    ``audit.npz`` is in ``folder`` (trained here, or fetched). ``done(run_dir)``: whether a fold's run is
+    ``audit.npz`` is in ``folder`` (trained here, or fetched). ``data``: the audit's data set (its names and
+    labels name the study). ``done(run_dir)``: whether a fold's run is
     finished; ``predict(k, run_dir)``: fold k's predictions, written to its ``audit.npz``
     (:func:`cifarlab.audit.folds.fold_done`, :func:`cifarlab.audit.folds.fold_predictions`)."""
     import optuna
@@ -111,7 +117,7 @@ def claimed_folds(cfg: RunConfig, members: list[Member], folder: Path, storage_u
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folds = len(members)
-    name = study_name(cfg, folds)
+    name = study_name(cfg, folds, data)
     study, files = _studies(open_storage(storage_url, heartbeat), name, folds)
     log(f"audit folds: shared through {redact(storage_url)} as study {name}")
     said_waiting = False

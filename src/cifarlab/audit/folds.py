@@ -161,7 +161,7 @@ def cross_fit(cfg: RunConfig, data, out: Path, folds: int, *, overwrite: bool = 
     if storage:
         from .claimed import claimed_folds
 
-        claimed_folds(cfg, members, folder, storage, done=fold_done,
+        claimed_folds(cfg, data, members, folder, storage, done=fold_done,
                       predict=lambda k, run_dir: fold_predictions(run_dir, k, data, fold_of),
                       heartbeat=heartbeat, poll=poll, quiet=quiet, log=log, fit_fn=fit_fn)
     else:
