@@ -11,13 +11,12 @@ image and checks that the same check sees it. CI installs chromium and chromium-
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 
 from cifarlab.report.audit import write_audit_html
+
+from .browser import headless_chromium
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 N_IMAGES, N_ISSUES, N_PAIRS, N_ODD = 30, 7, 4, 3
@@ -25,26 +24,9 @@ N_IMAGES, N_ISSUES, N_PAIRS, N_ODD = 30, 7, 4, 3
 
 @pytest.fixture
 def chromium(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_exe = shutil.which("chromedriver")
-    if exe is None or driver_exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium or chromedriver is not installed (.ci/deps/chromium.sh installs both)")
-        pytest.skip("chromium or chromedriver is not installed (apt-get install chromium chromium-driver)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = exe
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for JavaScript errors
-    driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_exe))
-    driver.set_page_load_timeout(120)
-    yield driver
-    driver.quit()
+    # console=True: the browser's console, for JavaScript errors
+    with headless_chromium(tmp_path / "chromium-profile", window=(1200, 900), console=True) as driver:
+        yield driver
 
 
 def synthetic_audit(out, model_of=None):

@@ -8,9 +8,6 @@ CI installs chromium and chromium-driver (.ci/deps/chromium.sh); under CI=true a
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,31 +15,14 @@ from PIL import Image
 import cifarlab
 from cifarlab.export import run_test_images
 
+from .browser import headless_chromium
 from .test_serve_server import Server
 
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_exe = shutil.which("chromedriver")
-    if exe is None or driver_exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium or chromedriver is not installed (.ci/deps/chromium.sh installs both)")
-        pytest.skip("chromium or chromedriver is not installed (apt-get install chromium chromium-driver)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = exe
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=900,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        opts.add_argument(flag)
-    # An explicit driver: selenium must not go looking for (or downloading) one.
-    driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_exe))
-    driver.set_page_load_timeout(120)
-    yield driver
-    driver.quit()
+    with headless_chromium(tmp_path / "chromium-profile", window=(900, 900)) as driver:
+        yield driver
 
 
 def test_page_uploads_an_image_and_shows_the_top_classes(trained_run, tmp_path, browser):
