@@ -29,7 +29,6 @@ import io
 import json
 import shutil
 import socket
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,10 +37,9 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import CifarlabError
 from ..io import atomic_write, atomic_write_text
-from ..sweep.claims import ClaimingObjective, StopClaiming, claim_loop
+from ..sweep.claims import ClaimingObjective, QueuedItems, claim_all, param_of
 from ..sweep.storage import GRACE_FACTOR, open_storage, redact
 from ..train.group import GroupRunner, Member, _comparable
-from ..train.loop import Interrupted
 
 FOLD = "fold"
 
@@ -66,39 +64,18 @@ def study_name(cfg: RunConfig, folds: int, data) -> str:
 
 
 def _fold_of(t) -> int | None:
-    """The fold a trial holds, or is queued with (a queued trial's parameter is still in ``fixed_params``)."""
-    if FOLD in t.params:
-        return int(t.params[FOLD])
-    fixed = t.system_attrs.get("fixed_params") or {}
-    return int(fixed[FOLD]) if FOLD in fixed else None
+    """The fold a trial holds, or is queued with."""
+    return param_of(t, FOLD)
 
 
-def _live_folds(study) -> set[int]:
-    from optuna.trial import TrialState
-
-    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
-    return {k for t in study.get_trials(deepcopy=False, states=live) if (k := _fold_of(t)) is not None}
+def _fold_items(folds: int) -> QueuedItems:
+    return QueuedItems(FOLD, folds, not_queued=_NotAFold, duplicate=_Duplicate)
 
 
-def _queue_missing(study, folds: int) -> int:
-    """Queue every fold that has no trial queued, running or finished; returns how many were queued."""
-    missing = sorted(set(range(folds)) - _live_folds(study))
-    for k in missing:
-        study.enqueue_trial({FOLD: k})
-    return len(missing)
-
-
-def _studies(storage, name: str, folds: int):
+def _studies(storage, name: str, items: QueuedItems):
     import optuna
 
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, direction="minimize")
-        _queue_missing(study, folds)
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage)
-        if len(_live_folds(study)) < folds:
-            time.sleep(1.0)  # the creator may still be queueing; then queue what is missing (a duplicate is harmless)
-        _queue_missing(study, folds)
+    study = items.open_study(storage, name, "minimize")
     files = optuna.create_study(study_name=f"{name}-files", storage=storage, load_if_exists=True)
     return study, files
 
@@ -113,42 +90,18 @@ def claimed_folds(cfg: RunConfig, data, members: list[Member], folder: Path, sto
     finished; ``predict(k, run_dir)``: fold k's predictions, written to its ``audit.npz``
     (:func:`cifarlab.audit.folds.fold_done`, :func:`cifarlab.audit.folds.fold_predictions`)."""
     import optuna
-    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    folds = len(members)
-    name = study_name(cfg, folds, data)
-    study, files = _studies(open_storage(storage_url, heartbeat), name, folds)
+    items = _fold_items(len(members))
+    name = study_name(cfg, items.count, data)
+    study, files = _studies(open_storage(storage_url, heartbeat), name, items)
     log(f"audit folds: shared through {redact(storage_url)} as study {name}")
-    said_waiting = False
-
-    def next_step(all_trials) -> str:
-        nonlocal said_waiting
-        trials = [t for t in all_trials if _fold_of(t) is not None]
-        if len({_fold_of(t) for t in trials if t.state == TrialState.COMPLETE}) >= folds:
-            return "done"
-        failed = [t for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
-        if failed:
-            t = failed[0]
-            raise CifarlabError(f"audit fold {_fold_of(t)} failed (trial {t.number} of study {name}): "
-                                f"{t.user_attrs['error']}")
-        running = sorted(_fold_of(t) for t in trials if t.state == TrialState.RUNNING)
-        # a fold whose retries were used up by dying machines is queued again
-        if any(t.state == TrialState.WAITING for t in trials) or (not running and _queue_missing(study, folds)):
-            said_waiting = False
-            return "claim"
-        if running and not said_waiting:
-            log(f"audit folds: waiting for fold(s) {', '.join(map(str, running))} on other machines")
-            said_waiting = True
-        return "wait"
-
-    objective = _FoldObjective(members, folder, study, files, done, predict, quiet, log, fit_fn)
-    try:
-        claim_loop(study, objective, grace=GRACE_FACTOR * heartbeat, poll=poll, next_step=next_step)
-    except StopClaiming as e:
-        if isinstance(e.__cause__, Interrupted):
-            raise e.__cause__ from None  # fit's Interrupted: its message and exit status
-        raise
+    next_step = items.next_step(
+        study, failed=lambda k, n: f"audit fold {k} failed (trial {n} of study {name})",
+        waiting=lambda running: f"audit folds: waiting for fold(s) {', '.join(map(str, running))} on other machines",
+        log=log)
+    objective = _FoldObjective(members, folder, study, files, items, done, predict, quiet, log, fit_fn)
+    claim_all(study, objective, grace=GRACE_FACTOR * heartbeat, poll=poll, next_step=next_step)
     fetch_folds(study, files, folder, log)
 
 
@@ -156,45 +109,31 @@ class _FoldObjective(ClaimingObjective):
     """One claimed trial: the fold it holds, trained here (or resumed), predicted, and its predictions put into
     the storage."""
 
-    def __init__(self, members, folder: Path, study, files, done, predict, quiet: bool, log, fit_fn):
+    def __init__(self, members, folder: Path, study, files, items: QueuedItems, done, predict, quiet: bool, log,
+                 fit_fn):
         super().__init__()
         self.members, self.folder, self.done, self.predict = members, folder, done, predict
-        self.study, self.files, self.log = study, files, log
+        self.study, self.files, self.items, self.log = study, files, items, log
         self.runner = GroupRunner(folder, quiet=quiet, fit_fn=fit_fn, log=lambda m: log(f"audit folds: {m}"))
 
     def may_give_back(self, t) -> bool:
-        return _fold_of(t) is not None and super().may_give_back(t)
+        return self.items.may_give_back(t) and super().may_give_back(t)
 
     def __call__(self, trial) -> float:
         import optuna
         from optuna.trial import TrialState
 
         self.claim(trial)
-        if _fold_of(self.study._storage.get_trial(trial._trial_id)) is None:
-            raise _NotAFold("no fold queued")
-        k = trial.suggest_int(FOLD, 0, len(self.members) - 1)
-        for t in self.study.get_trials(deepcopy=False):
-            if t.number != trial.number and _fold_of(t) == k and (
-                    t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number)):
-                trial.set_user_attr("duplicate", True)
-                raise _Duplicate(f"fold {k} is held by trial {t.number}")
+        k = self.items.take(self.study, trial)
         m = self.members[k]
         run_dir = self.folder / m.name
         self.log(f"audit folds: {m.label} claimed (trial {trial.number})")
-        try:
+        with self.running(trial):  # stopped: the fold goes back to the queue; failed: its error is kept
             if (run_dir / "remote.json").is_file():
                 shutil.rmtree(run_dir)  # fetched before, from a claim that was later lost: train it here
             if not self.done(run_dir):
                 self.runner.run(m)
             z = self.predict(k, run_dir)
-        except Interrupted as e:
-            # Not a CifarlabError to Optuna, which would take it as the fold's own failure: the fold goes back to
-            # the queue; this machine's checkpoint stays.
-            self.handled.add(trial.number)
-            raise StopClaiming(str(e)) from e
-        except CifarlabError as e:
-            trial.set_user_attr("error", str(e))
-            raise
         buf = io.BytesIO()
         np.savez(buf, **z)
         self.files.add_trial(optuna.trial.create_trial(

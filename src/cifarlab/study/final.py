@@ -24,7 +24,6 @@ import base64
 import json
 import shutil
 import socket
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -32,10 +31,9 @@ from ..config import RunConfig
 from ..errors import CifarlabError
 from ..evaluation.groups import seed_dir
 from ..io import atomic_write, atomic_write_text
-from ..sweep.claims import ClaimingObjective, StopClaiming, claim_loop
+from ..sweep.claims import ClaimingObjective, QueuedItems, claim_all, param_of
 from ..sweep.storage import GRACE_FACTOR, open_storage
 from ..train.group import GroupRunner, prepare_group, seed_members
-from ..train.loop import Interrupted
 
 SEED = "seed"
 FILE_PREFIX = "file:"
@@ -50,121 +48,47 @@ class _Duplicate(CifarlabError):
     """Another trial holds the same seed."""
 
 
-def _study(storage, name: str, seeds: int):
-    import optuna
-
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-        _queue_missing(study, seeds)
-        return study
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage)
-    if len(_live_seeds(study)) < seeds:
-        time.sleep(1.0)  # the creator may still be queueing; then queue what is missing (a duplicate is harmless)
-    _queue_missing(study, seeds)
-    return study
-
-
-def _queue_missing(study, seeds: int) -> int:
-    """Queue every seed that has no trial queued, running or finished (a claim lost to an error, or never
-    queued); returns how many were queued."""
-    missing = sorted(set(range(seeds)) - _live_seeds(study))
-    for k in missing:
-        study.enqueue_trial({SEED: k})
-    return len(missing)
-
-
 def _seed_of(t) -> int | None:
-    """The seed a trial holds, or is queued with (a queued trial's parameter is still in ``fixed_params``)."""
-    if SEED in t.params:
-        return int(t.params[SEED])
-    fixed = t.system_attrs.get("fixed_params") or {}
-    return int(fixed[SEED]) if SEED in fixed else None
-
-
-def _live_seeds(study) -> set[int]:
-    from optuna.trial import TrialState
-
-    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
-    return {k for t in study.get_trials(deepcopy=False, states=live) if (k := _seed_of(t)) is not None}
+    """The seed a trial holds, or is queued with."""
+    return param_of(t, SEED)
 
 
 def claimed_group(cfg: RunConfig, group_dir: Path, seeds: int, storage_url: str, name: str, *,
                   heartbeat: int, log: Callable[[str], None] = print, poll: float = 5.0) -> None:
     """Train this machine's share of ``seeds`` seeds of ``cfg`` into ``group_dir``; return once all are done."""
     import optuna
-    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prepare_group(cfg, group_dir, seeds, overwrite=False)
-    study = _study(open_storage(storage_url, heartbeat), name, seeds)
-    said_waiting = False
-
-    def next_step(all_trials) -> str:
-        nonlocal said_waiting
-        trials = [t for t in all_trials if _seed_of(t) is not None]
-        if len({_seed_of(t) for t in trials if t.state == TrialState.COMPLETE}) >= seeds:
-            return "done"
-        failed = [t for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
-        if failed:
-            t = failed[0]
-            raise CifarlabError(f"final seed {_seed_of(t) + 1} of {group_dir} failed (trial {t.number}): "
-                                f"{t.user_attrs['error']}")
-        running = sorted(_seed_of(t) for t in trials if t.state == TrialState.RUNNING)
-        # a seed whose retries were used up by dying machines is queued again
-        if any(t.state == TrialState.WAITING for t in trials) or (not running and _queue_missing(study, seeds)):
-            said_waiting = False
-            return "claim"
-        if running and not said_waiting:
-            log(f"waiting for seed(s) {', '.join(str(k + 1) for k in running)} on other machines")
-            said_waiting = True
-        return "wait"
-
-    try:
-        claim_loop(study, _SeedObjective(cfg, group_dir, seeds, study, log), grace=GRACE_FACTOR * heartbeat,
-                   poll=poll, next_step=next_step)
-    except StopClaiming as e:
-        if isinstance(e.__cause__, Interrupted):
-            raise e.__cause__ from None  # fit's Interrupted: its message and exit status
-        raise
+    items = QueuedItems(SEED, seeds, not_queued=_NotASeed, duplicate=_Duplicate)
+    study = items.open_study(open_storage(storage_url, heartbeat), name, "maximize")
+    next_step = items.next_step(
+        study, failed=lambda k, n: f"final seed {k + 1} of {group_dir} failed (trial {n})",
+        waiting=lambda running: f"waiting for seed(s) {', '.join(str(k + 1) for k in running)} on other machines",
+        log=log)
+    claim_all(study, _SeedObjective(cfg, group_dir, items, study, log), grace=GRACE_FACTOR * heartbeat,
+              poll=poll, next_step=next_step)
     fetch_seeds(study, group_dir, log)
 
 
 class _SeedObjective(ClaimingObjective):
     """One claimed trial: the seed it holds, trained here (or resumed, or only scored) into the group."""
 
-    def __init__(self, cfg: RunConfig, group_dir: Path, seeds: int, study, log: Callable[[str], None]):
+    def __init__(self, cfg: RunConfig, group_dir: Path, items: QueuedItems, study, log: Callable[[str], None]):
         super().__init__()
-        self.group_dir, self.study, self.log = group_dir, study, log
-        self.members = seed_members(cfg, seeds)
+        self.group_dir, self.items, self.study, self.log = group_dir, items, study, log
+        self.members = seed_members(cfg, items.count)
         self.runner = GroupRunner(group_dir, log=log)  # loads the data once, for the first seed it trains
 
     def may_give_back(self, t) -> bool:
-        return _seed_of(t) is not None and super().may_give_back(t)
+        return self.items.may_give_back(t) and super().may_give_back(t)
 
     def __call__(self, trial) -> float:
-        from optuna.trial import TrialState
-
         self.claim(trial)
-        if _seed_of(self.study._storage.get_trial(trial._trial_id)) is None:
-            raise _NotASeed("no seed queued")
-        k = trial.suggest_int(SEED, 0, len(self.members) - 1)
-        for t in self.study.get_trials(deepcopy=False):
-            if t.number != trial.number and _seed_of(t) == k and (
-                    t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number)):
-                trial.set_user_attr("duplicate", True)
-                raise _Duplicate(f"seed {k} is held by trial {t.number}")
+        k = self.items.take(self.study, trial)
         self.log(f"{self.members[k].label} claimed (trial {trial.number})")
-        try:
+        with self.running(trial):  # stopped: the seed goes back to the queue (not refused for good); failed: kept
             self.runner.run(self.members[k], evaluate=True)
-        except Interrupted as e:
-            # Not a CifarlabError to Optuna, which would take it as the seed's own failure (a seed the study
-            # then refused for good): the seed goes back to the queue; this machine's checkpoint stays.
-            self.handled.add(trial.number)
-            raise StopClaiming(str(e)) from e
-        except CifarlabError as e:
-            trial.set_user_attr("error", str(e))
-            raise
         run_dir = seed_dir(self.group_dir, k)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
