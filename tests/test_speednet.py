@@ -226,6 +226,7 @@ def test_epochs_for_minutes_is_the_time_budget_plan(small_folder, tmp_path, monk
     monkeypatch.setattr(budget, "_time_steps", lambda parts: 0.05)
     monkeypatch.setattr(budget, "_time_validation", lambda parts: 0.2)
     monkeypatch.setattr(budget.time, "perf_counter", lambda: 0.0)
+    monkeypatch.setattr(budget, "_step_clock", lambda: 0.0)  # the --time run's own steps: no correction
     bench = load_benchmark("time_to_accuracy")
     over = tiny_overrides(small_folder, **{"train.epochs": 20, "optim.schedule": "linear", "optim.warmup_epochs": 4})
     cfg = load_config(REPO / "configs" / "cnn.yaml", over)

@@ -134,11 +134,9 @@ class _FoldObjective(ClaimingObjective):
             if not self.done(run_dir):
                 self.runner.run(m)
             z = self.predict(k, run_dir)
-        buf = io.BytesIO()
-        np.savez(buf, **z)
         self.files.add_trial(optuna.trial.create_trial(
             state=TrialState.COMPLETE, value=float(k),
-            user_attrs={FOLD: k, "trial": trial.number, "audit.npz": base64.b64encode(buf.getvalue()).decode()}))
+            user_attrs={FOLD: k, "trial": trial.number, "audit.npz": base64.b64encode(_npz_bytes(z)).decode()}))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         return float(k)
@@ -179,3 +177,10 @@ def fetch_folds(study, files, folder: Path, log: Callable[[str], None] = print) 
              "note": "trained on another machine: its run (weights, metrics) is there"}, indent=2) + "\n")
     log(f"audit folds: fetched fold(s) {', '.join(map(str, sorted(want)))} from the storage")
     return sorted(want)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A fold's predictions as the bytes of an .npz, for the storage (in memory: no file is written)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

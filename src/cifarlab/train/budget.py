@@ -41,7 +41,11 @@ TIMED_STEPS = 4  # a first estimate: Replan corrects it from the run's own steps
 MARGIN = 0.02  # of the budget, for what the plan cannot time (the last log lines, a slower step here and there)
 REPLAN_FRACTION = 0.1  # the plan is corrected once, from the run's own steps, after this share of them
 MIN_MEASURED = 4  # ... and after at least this many measured steps (the first one is not measured)
-_step_clock = time.perf_counter  # what Replan times the run's steps with (the tests give it fixed costs)
+
+
+def _step_clock() -> float:
+    """What Replan times the run's own steps with: ``time.perf_counter`` (the tests give it fixed costs)."""
+    return time.perf_counter()
 
 
 @dataclass
