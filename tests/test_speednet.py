@@ -332,3 +332,11 @@ def test_whiten_bias_trains_for_its_epochs_then_stays(small_folder, tmp_path):
     assert not torch.equal(biases[None][1], biases[None][2])
     with pytest.raises(ConfigError, match="whiten_bias_epochs"):
         create_model("speednet", 10, whiten_bias_epochs=-1)
+
+
+def test_head_std_rescales_the_heads_initial_weights_and_bad_values_are_refused():
+    plain = create_model("speednet", 10, widths=[8, 16, 16])
+    unit = create_model("speednet", 10, widths=[8, 16, 16], head_std=1.0)
+    assert abs(float(unit.head.weight.std()) - 1.0) < 1e-5 and float(plain.head.weight.std()) < 0.5
+    with pytest.raises(ConfigError, match="model.head_std"):
+        load_config(None, ["model.name=speednet", "model.head_std=-1"])

@@ -90,7 +90,7 @@ class ConvGroup(nn.Module):
 class SpeedNet(nn.Module):
     def __init__(self, num_classes: int, widths: list[int], whiten_kernel: int, bn_momentum: float,
                  bn_eps: float, bn_weight: bool, dirac: bool, head_scale: float, bias_lr_scale: float,
-                 bias_decay: float = 1.0, whiten_bias_epochs: float | None = None):
+                 bias_decay: float = 1.0, whiten_bias_epochs: float | None = None, head_std: float = 0.0):
         super().__init__()
         self.whiten_bias_epochs = whiten_bias_epochs
         k = whiten_kernel
@@ -103,6 +103,9 @@ class SpeedNet(nn.Module):
             cin = w
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(cin, num_classes, bias=False)
+        if head_std:  # airbench94_muon: unit-std head weights under a 1 / width output scale
+            with torch.no_grad():
+                self.head.weight.mul_(head_std / self.head.weight.std())
         self.head_scale = head_scale
         self.bias_lr_scale = bias_lr_scale
         self.bias_decay = bias_decay
@@ -167,9 +170,9 @@ class SpeedNet(nn.Module):
 def speednet(num_classes: int = 10, *, widths: list[int] = [64, 256, 256], whiten_kernel: int = 2,  # noqa: B006
              bn_momentum: float = 0.1, bn_eps: float = 1e-12, bn_weight: bool = False, dirac: bool = True,
              head_scale: float = 1 / 9, bias_lr_scale: float = 64.0, bias_decay: float = 1.0,
-             whiten_bias_epochs: float | None = None) -> nn.Module:
+             whiten_bias_epochs: float | None = None, head_std: float = 0.0) -> nn.Module:
     return SpeedNet(num_classes, list(widths), whiten_kernel, bn_momentum, bn_eps, bn_weight, dirac, head_scale,
-                    bias_lr_scale, bias_decay, whiten_bias_epochs)
+                    bias_lr_scale, bias_decay, whiten_bias_epochs, head_std)
 
 
 def _check(p: dict, image_size: int) -> None:
@@ -185,6 +188,8 @@ def _check(p: dict, image_size: int) -> None:
         raise ConfigError("model.head_scale and model.bias_lr_scale must be > 0")
     if p["whiten_bias_epochs"] is not None and p["whiten_bias_epochs"] < 0:
         raise ConfigError(f"model.whiten_bias_epochs={p['whiten_bias_epochs']} must be >= 0 (or null: never frozen)")
+    if p["head_std"] < 0:
+        raise ConfigError(f"model.head_std={p['head_std']} must be >= 0 (0: PyTorch's initialization)")
     if p["bias_decay"] < 0:
         raise ConfigError(f"model.bias_decay={p['bias_decay']} must be >= 0")
     if image_size is not None and (image_size - p["whiten_kernel"] + 1) // 8 < 1:
