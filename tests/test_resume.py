@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from cifarlab.cli.main import main
-from cifarlab.train.checkpoint import load_checkpoint
+from cifarlab.train.checkpoint import load_checkpoint, save_checkpoint
 
 from . import pause
 from .conftest import REPO, tiny_overrides
@@ -170,10 +170,19 @@ def test_sigint_mid_epoch_then_resume_is_bit_exact(small_folder, tmp_path, monke
                    f"Resume with: cifarlab train --resume {run}"]
     st = load_checkpoint(run / "last.pt")["train_state"]
     assert (st["epoch"], st["step"]) == (1, 7)  # the step that was running finished, then the checkpoint
+    assert st["epoch_seconds"] > 0  # the stopped epoch's seconds so far
     assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
 
+    # Say the stopped epoch had run 1000 s: those seconds count in the run's time after the resume
+    # (train_seconds, and wall_seconds that a time budget reads), not only the resumed process's.
+    ckpt = load_checkpoint(run / "last.pt")
+    ckpt["train_state"]["epoch_seconds"] = 1000.0
+    save_checkpoint(run / "last.pt", ckpt, keep_previous=False)
     assert _cli("train", "--resume", str(run)) == 0
     assert_same_run(run, tmp_path / "clean")
+    end = load_checkpoint(run / "last.pt")["train_state"]
+    assert end["history"][1]["seconds"] >= 1000 and end["history"][2]["seconds"] < 1000
+    assert end["train_seconds"] >= st["train_seconds"] + 1000 and end["wall_seconds"] >= st["wall_seconds"] + 1000
 
 
 def test_fp16_loss_scale_is_checkpointed_and_resumed(small_folder, tmp_path, monkeypatch, capsys):

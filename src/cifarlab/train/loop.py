@@ -234,7 +234,8 @@ def run_epochs(parts: Parts, state: TrainState, callbacks: Iterable[Callback]) -
             cb.step_end(parts, state, step)
 
     while state.epoch < t.epochs and not state.stop_reason:
-        epoch, t0 = state.epoch, time.perf_counter()
+        epoch, t0 = state.epoch, time.perf_counter() - (state.epoch_seconds if state.step else 0.0)
+        state.epoch_started = t0
         for cb in callbacks:
             cb.epoch_start(parts, state, epoch)
         train_loss, train_acc = train_one_epoch(parts, state, epoch, on_step)

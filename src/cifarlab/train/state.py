@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,9 @@ class TrainState:
     partial: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, seen so far this epoch
     wall_seconds: float = 0.0  # wall-clock of the run: its epochs with validation, and a time budget's planning
     stop_reason: str = ""  # why the run ended before train.epochs (early stopping), "" when it did not
+    epoch_seconds: float = 0.0  # seconds the running epoch had taken when a mid-epoch checkpoint was written
+    # time.perf_counter() at the running epoch's start, shifted back by a resumed epoch's seconds.
+    epoch_started: float | None = _transient()
     # The running epoch's sums (loss, correct, seen) as device tensors, read only at log points and checkpoints.
     running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = _transient()
     # First step (1-based) of the running epoch with a non-finite loss, 0 = none; a device tensor (no sync).
@@ -63,6 +67,9 @@ def train_state_dict(state: TrainState, running: tuple | None = None) -> dict:
         d["partial"] = [float(running[0]), float(running[1]), float(running[2])]
     else:
         d["partial"] = [0.0, 0.0, 0.0]
+    # A resumed epoch's seconds count in train_seconds and wall_seconds (the time budget's) like a whole one's.
+    mid_epoch = state.step and state.epoch_started is not None
+    d["epoch_seconds"] = time.perf_counter() - state.epoch_started if mid_epoch else 0.0
     return d
 
 
