@@ -173,3 +173,26 @@ def test_group_runner_trains_any_members_and_loads_each_data_section_once(tmp_pa
     assert fits[0][1] is fits[1][1] and fits[2][1] is not fits[0][1]
     assert all(f[2:] == (False, True) for f in fits)  # each a new run
     assert lines == ["fold 1/3 starting", "fold 2/3 starting", "fold 3/3 starting"]
+
+
+def test_a_run_that_stopped_early_or_ran_to_its_time_budget_is_done(tmp_path):
+    """Fewer epochs than the config's are a finished run when early stopping or a time budget decided them,
+    and an unfinished one otherwise (a rerun with more epochs continues it)."""
+    from cifarlab.train.group import seed_status
+
+    def run(name: str, **summary) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"epochs": 3, **summary}))
+        (d / "best.safetensors").write_bytes(b"")
+        (d / "last.pt").write_bytes(b"")
+        return d
+
+    assert seed_status(run("full"), 3) == "done"
+    assert seed_status(run("short"), 9) == "resume"
+    assert seed_status(run("stopped", stopped_early="no improvement"), 9) == "done"
+    assert seed_status(run("budget", time_budget_seconds=120.0), 9) == "done"
+    assert seed_status(run("neither", stopped_early=None, time_budget_seconds=None), 9) == "resume"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text("[]")
+    assert seed_status(tmp_path / "broken", 3) == "new"

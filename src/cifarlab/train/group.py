@@ -38,12 +38,14 @@ def seed_config(cfg: RunConfig, k: int) -> RunConfig:
 
 
 def seed_status(run_dir: Path, epochs: int) -> str:
-    """"done", "resume" (a checkpoint to continue from) or "new"."""
+    """"done", "resume" (a checkpoint to continue from) or "new". A finished run is done when it trained
+    ``epochs`` epochs, or fewer because it stopped early or its time budget planned fewer."""
     summary = run_dir / "summary.json"
     if summary.is_file():
         try:
-            done = int(json.loads(summary.read_text()).get("epochs", -1)) >= epochs
-        except (OSError, ValueError):
+            s = json.loads(summary.read_text())
+            done = int(s.get("epochs", -1)) >= epochs or bool(s.get("stopped_early") or s.get("time_budget_seconds"))
+        except (OSError, ValueError, AttributeError):
             done = False
         if done and (run_dir / "best.safetensors").is_file():
             return "done"
