@@ -49,6 +49,20 @@ def test_evaluate_reports_plain_and_tta_accuracy(trained_run, flip_run):
     assert res["test_acc"] == pytest.approx((logits["logits"].argmax(1) == logits["labels"]).mean(), abs=1e-6)
     table = format_table(res)
     assert "(tta flip, 2 views)" in table and "(no tta: one view" in table and "val accuracy" in table
+    # A run without a validation split keeps its final weights: no "val accuracy nan" line.
+    table = format_table({**res, "val_acc": float("nan")})
+    assert "val accuracy" not in table and "nan" not in table
+
+
+def test_a_run_without_validation_says_its_final_weights_are_kept(small_folder, tmp_path, capsys):
+    from .conftest import REPO, tiny_overrides
+
+    sets = [x for o in tiny_overrides(small_folder, **{"data.val_size": 0, "train.epochs": 1}) for x in ("--set", o)]
+    code, out, err = _cli(capsys, "train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path),
+                        "--name", "r", *sets)
+    assert code == 0
+    done = [line for line in (out + err).splitlines() if line.startswith("done: ")]
+    assert done and done[-1].startswith("done: no validation split: the final weights kept (epoch 1;"), done
 
 
 def test_training_records_that_selection_uses_no_tta(trained_run):

@@ -345,9 +345,12 @@ def summarize(parts: Parts, state: TrainState, log: Log = lambda s: None) -> dic
         atomic_write_text(parts.run_dir / "summary.json", json.dumps(summary, indent=2))
         if state.stop_reason:
             log(f"{state.stop_reason}: stopped after epoch {state.epoch} of {t.epochs}")
-        best = summary["best_val_acc"] if summary["best_val_acc"] is not None else float("nan")
-        log(f"done: best val acc {best:.4f} (epoch {state.best_epoch}, no tta; evaluate uses tta {t.tta}) "
-            f"in {state.train_seconds:.0f}s -> {parts.run_dir}")
+        if summary["best_val_acc"] is not None:
+            chosen = (f"best val acc {summary['best_val_acc']:.4f} (epoch {state.best_epoch}, no tta; evaluate uses "
+                      f"tta {t.tta})")
+        else:
+            chosen = f"no validation split: the final weights kept (epoch {state.epoch}; evaluate uses tta {t.tta})"
+        log(f"done: {chosen} in {state.train_seconds:.0f}s -> {parts.run_dir}")
     return summary
 
 
