@@ -17,6 +17,8 @@ from cifarlab.data.folder import list_folder
 from cifarlab.evaluation import evaluate_run, format_table
 from cifarlab.predict import Predictor, run_tta
 
+from .conftest import REPO, tiny_overrides
+
 
 @pytest.fixture(scope="module")
 def flip_run(trained_run, tmp_path_factory) -> Path:
@@ -55,8 +57,6 @@ def test_evaluate_reports_plain_and_tta_accuracy(trained_run, flip_run):
 
 
 def test_a_run_without_validation_says_its_final_weights_are_kept(small_folder, tmp_path, capsys):
-    from .conftest import REPO, tiny_overrides
-
     sets = [x for o in tiny_overrides(small_folder, **{"data.val_size": 0, "train.epochs": 1}) for x in ("--set", o)]
     code, out, err = _cli(capsys, "train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path),
                         "--name", "r", *sets)
