@@ -89,6 +89,11 @@ def tiny_overrides(data_path: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in o.items() if v is not None]
 
 
+def tiny_set_args(data_path: Path, **extra) -> list[str]:
+    """``tiny_overrides`` as command-line arguments: ``--set KEY=VALUE`` for each."""
+    return [x for o in tiny_overrides(data_path, **extra) for x in ("--set", o)]
+
+
 @pytest.fixture(scope="session")
 def trained_run(small_folder, tmp_path_factory) -> Path:
     """A tiny CNN run, trained and evaluated once per session: RUN_DIR with config, weights, metrics, test logits."""

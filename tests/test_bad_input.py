@@ -18,7 +18,7 @@ from cifarlab.cli.main import main
 from cifarlab.data.archive import ARCHIVE_NAME, write_fake_archive
 from cifarlab.train.checkpoint import load_checkpoint
 
-from .conftest import REPO, make_subset, tiny_overrides
+from .conftest import REPO, make_subset, tiny_set_args
 
 SMALL = {"data.train_size": 80, "data.val_size": 20, "train.epochs": 1, "train.batch_size": 16}
 
@@ -33,7 +33,7 @@ def _cli(capsys, *args: str) -> tuple[int, list[str]]:
 
 
 def _train(data: Path | str, out: Path, *extra: str, name: str = "r", **overrides) -> list[str]:
-    sets = [x for o in tiny_overrides(data, **{**SMALL, **overrides}) for x in ("--set", o)]
+    sets = tiny_set_args(data, **{**SMALL, **overrides})
     return ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(out), "--name", name, *sets, *extra]
 
 

@@ -28,7 +28,7 @@ from cifarlab.cli.main import main
 from cifarlab.train.checkpoint import load_checkpoint, save_checkpoint
 
 from . import pause
-from .conftest import REPO, tiny_overrides
+from .conftest import REPO, tiny_overrides, tiny_set_args
 from .interrupts import ctrl_c_at
 
 # Dropout (cnn's classifier), the study's augmentation, an EMA, a lookahead and a per-step schedule with warm-up:
@@ -40,7 +40,7 @@ RESUME_SETTINGS = {"train.epochs": 4, "train.batch_size": 8, "data.augment_p": 0
 
 
 def _sets(data: Path, **extra) -> list[str]:
-    return [x for o in tiny_overrides(data, **{**RESUME_SETTINGS, **extra}) for x in ("--set", o)]
+    return tiny_set_args(data, **{**RESUME_SETTINGS, **extra})
 
 
 def _cli(*args: str) -> int:

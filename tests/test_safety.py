@@ -27,7 +27,7 @@ from cifarlab.train import checkpoint as ckpt
 from cifarlab.io import atomic_write
 from cifarlab.train.checkpoint import load_checkpoint, load_weights, save_checkpoint
 
-from .conftest import REPO, tiny_overrides
+from .conftest import REPO, tiny_set_args
 from .test_resume import assert_same_run
 
 SRC = REPO / "src" / "cifarlab"
@@ -41,7 +41,7 @@ def _cli(capsys, *args: str) -> tuple[int, list[str]]:
 
 
 def _train_args(data: Path, out: Path, name: str, **extra) -> list[str]:
-    sets = [x for o in tiny_overrides(data, **extra) for x in ("--set", o)]
+    sets = tiny_set_args(data, **extra)
     return ["train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(out), "--name", name, *sets]
 
 

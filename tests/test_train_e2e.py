@@ -13,7 +13,7 @@ from cifarlab.cli.main import main
 from cifarlab.config import load_config
 from cifarlab.train import fit
 
-from .conftest import REPO, tiny_overrides
+from .conftest import REPO, tiny_overrides, tiny_set_args
 
 
 def _cli(*args) -> int:
@@ -23,8 +23,7 @@ def _cli(*args) -> int:
 
 
 def test_train_and_evaluate_cli(small_folder, tmp_path, capsys):
-    sets = [x for o in tiny_overrides(small_folder, **{"train.epochs": 3, "train.val_every": 2,
-                                                        "data.augment_p": 0.5}) for x in ("--set", o)]
+    sets = tiny_set_args(small_folder, **{"train.epochs": 3, "train.val_every": 2, "data.augment_p": 0.5})
     rc = _cli("train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path), "--name", "r", *sets)
     assert rc == 0
     run = tmp_path / "r"

@@ -17,7 +17,7 @@ from cifarlab.data.folder import list_folder
 from cifarlab.evaluation import evaluate_run, format_table
 from cifarlab.predict import Predictor, run_tta
 
-from .conftest import REPO, tiny_overrides
+from .conftest import REPO, tiny_set_args
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_evaluate_reports_plain_and_tta_accuracy(trained_run, flip_run):
 
 
 def test_a_run_without_validation_says_its_final_weights_are_kept(small_folder, tmp_path, capsys):
-    sets = [x for o in tiny_overrides(small_folder, **{"data.val_size": 0, "train.epochs": 1}) for x in ("--set", o)]
+    sets = tiny_set_args(small_folder, **{"data.val_size": 0, "train.epochs": 1})
     code, out, err = _cli(capsys, "train", "--config", str(REPO / "configs/cnn.yaml"), "--out", str(tmp_path),
                         "--name", "r", *sets)
     assert code == 0
