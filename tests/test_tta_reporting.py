@@ -63,6 +63,9 @@ def test_a_run_without_validation_says_its_final_weights_are_kept(small_folder, 
     assert code == 0
     done = [line for line in (out + err).splitlines() if line.startswith("done: ")]
     assert done and done[-1].startswith("done: no validation split: the final weights kept (epoch 1;"), done
+    # best.json says so in valid JSON (null, not NaN), and evaluate prints no validation line.
+    meta = json.loads((tmp_path / "r" / "best.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert meta["val_acc"] is None and meta["epoch"] == 1
 
 
 def test_training_records_that_selection_uses_no_tta(trained_run):

@@ -131,7 +131,7 @@ def format_table(res: dict) -> str:
     for key, label in (("balanced_acc", "balanced accuracy"), ("macro_f1", "macro F1"), ("top5_acc", "top-5 accuracy")):
         if key in res:
             lines.append(f"{label:<18}{res[key]:>6.4f}   ({tta_label(tta)})")
-    if res.get("val_acc") is not None and res["val_acc"] == res["val_acc"]:  # NaN: no validation split
+    if res.get("val_acc") is not None and res["val_acc"] == res["val_acc"]:  # null (NaN before 2026-12): no val split
         lines.append(f"{'val accuracy':<14}{res['val_acc']:>10.4f}   ({tta_label(res.get('val_tta', 'none'))}: "
                      f"the best epoch {res.get('best_epoch')}, by which the weights were chosen)")
     return "\n".join(lines)

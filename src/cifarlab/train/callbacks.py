@@ -225,8 +225,9 @@ def default_callbacks(guard: SignalGuard, log: Callable[[str], None], trackers: 
     return cbs + ([OnEpochEnd(on_epoch_end)] if on_epoch_end is not None else [])
 
 
-def weights_meta(parts: Parts, epoch: int, val_acc: float) -> dict:
-    """``best.json``: what a loader needs to rebuild the model and its preprocessing from the weights alone."""
+def weights_meta(parts: Parts, epoch: int, val_acc: float | None) -> dict:
+    """``best.json``: what a loader needs to rebuild the model and its preprocessing from the weights alone
+    (``val_acc`` null for a run without a validation split: its final weights)."""
     cfg, data = parts.cfg, parts.data
     mean, std = input_norm(cfg, data.mean, data.std)
     return {"model": cfg.model.name, "hparams": cfg.model.params, "num_classes": data.num_classes,

@@ -326,7 +326,7 @@ def summarize(parts: Parts, state: TrainState, log: Log = lambda s: None) -> dic
     cfg, data, t = parts.cfg, parts.data, parts.cfg.train
     if not len(data.val_x) and dist.is_main():
         save_weights(parts.run_dir / "best.safetensors", parts.eval_model,
-                     weights_meta(parts, t.epochs, float("nan")))
+                     weights_meta(parts, t.epochs, None))  # null: no validation score
     summary = {
         "run_dir": str(parts.run_dir), "model": cfg.model.name, "params": count_parameters(parts.model),
         "epochs": state.epoch, "best_val_acc": state.best_acc if state.best_acc >= 0 else None,
