@@ -5,8 +5,11 @@ whole epochs of about the same length.
         --time 2m [--seeds 1] [--set KEY=VALUE ...]
 
 Per seed, in one process, one after the other: (A) the recipe with ``--time`` (the trainer plans its steps);
-(B) the same recipe with ``train.epochs`` = A's planned steps rounded to whole epochs and no budget. Both are
-evaluated on the test split. Wall time is measured around ``fit`` here, less the data loading, which the
+(B) the same recipe with ``train.epochs`` = A's planned steps rounded to whole epochs and no budget; (C) the
+same recipe with no budget and A's final plan written as a fixed length (``train.epochs`` and ``train.steps``
+as A ended with them): the same length exactly, at any budget, so C against A is the budget's own cost in
+accuracy (its timed copies, its re-plan) and B against A what a time-sized length buys over whole epochs.
+All are evaluated on the test split. Wall time is measured around ``fit`` here, less the data loading, which the
 budget excludes by design (the data is decoded once, before both runs). Run it on a quiet machine: the
 plan times steps, so a busy machine plans fewer. Prints a table and a JSON last line.
 """
@@ -62,15 +65,19 @@ def main(argv: list[str] | None = None) -> dict:
             epochs = max(1, round(a["steps"] / a["steps_per_epoch"])) if a["steps"] else a["epochs"]
             b = one(load_config(args.config, base + [f"train.seed={seed}", f"train.epochs={epochs}"]), data,
                     Path(tmp), f"epochs-{seed}")
-            rows.append({"seed": seed, "budget": budget, "time": a, "epochs": b,
+            c = one(load_config(args.config, base + [f"train.seed={seed}", f"train.epochs={a['epochs']}",
+                                                     f"train.steps={a['steps'] or 0}"]), data, Path(tmp), f"steps-{seed}")
+            rows.append({"seed": seed, "budget": budget, "time": a, "epochs": b, "same_steps": c,
                          "off_budget": round(a["wall_seconds"] / budget - 1, 4)})
             print(f"seed {seed}: --time {args.time}: {a['wall_seconds']}s ({rows[-1]['off_budget']:+.1%} of the "
                   f"budget), {a['steps']} steps, test acc {a['test_acc']} | {epochs} whole epochs: "
-                  f"{b['wall_seconds']}s, test acc {b['test_acc']}")
+                  f"{b['wall_seconds']}s, test acc {b['test_acc']} | the same {c['steps']} steps fixed: "
+                  f"{c['wall_seconds']}s, test acc {c['test_acc']}")
     out = {"benchmark": "time_budget", "config": Path(args.config).name, "budget_seconds": budget, "runs": rows,
            "max_abs_off_budget": max(abs(r["off_budget"]) for r in rows),
            "mean_test_acc_time": round(sum(r["time"]["test_acc"] for r in rows) / len(rows), 4),
-           "mean_test_acc_epochs": round(sum(r["epochs"]["test_acc"] for r in rows) / len(rows), 4)}
+           "mean_test_acc_epochs": round(sum(r["epochs"]["test_acc"] for r in rows) / len(rows), 4),
+           "mean_test_acc_same_steps": round(sum(r["same_steps"]["test_acc"] for r in rows) / len(rows), 4)}
     print(json.dumps(out))
     return out
 

@@ -53,8 +53,9 @@ def _metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(run / "metrics.csv"))]
 
 
-def assert_same_run(a: Path, b: Path) -> None:
-    """Two run directories hold the same training result, bit for bit, wall-clock numbers aside."""
+def assert_same_run(a: Path, b: Path, summary_aside: frozenset[str] = frozenset()) -> None:
+    """Two run directories hold the same training result, bit for bit, wall-clock numbers (and the summary's
+    ``summary_aside`` keys) aside."""
     assert _metrics(a) == _metrics(b)
     wa, wb = load_file(a / "best.safetensors"), load_file(b / "best.safetensors")
     assert sorted(wa) == sorted(wb)
@@ -83,7 +84,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         for row in t["history"]:
             row.pop("seconds")
     assert ta == tb
-    clock = {"train_seconds", "images_per_second", "wall_seconds", "run_dir"}
+    clock = {"train_seconds", "images_per_second", "wall_seconds", "run_dir", *summary_aside}
     sa_, sb_ = (json.loads((r / "summary.json").read_text()) for r in (a, b))
     assert {k: v for k, v in sa_.items() if k not in clock} == {k: v for k, v in sb_.items() if k not in clock}
 

@@ -17,6 +17,8 @@ from cifarlab.train.checkpoint import load_checkpoint
 
 from .conftest import REPO, tiny_overrides
 
+REAL_TIME_STEPS, REAL_TIME_VALIDATION = budget._time_steps, budget._time_validation
+
 
 def test_durations_parse_with_units_and_bad_ones_are_one_line_errors():
     assert parse_duration("t", "90s") == 90 and parse_duration("t", "10m") == 600
@@ -51,6 +53,24 @@ def test_a_budget_sets_the_steps_and_the_schedule_ends_with_them(small_folder, t
     assert ckpt["train_state"]["global_step"] == 34  # the partial last epoch stopped at the planned step
     lrs = [float(r.split(",")[5]) for r in (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]]
     assert ckpt["scheduler"]["last_epoch"] == 34 and lrs[-1] < lrs[1]  # the decay ran to its end at step 34
+
+
+def test_a_budget_run_is_the_fixed_run_of_its_planned_length(small_folder, tmp_path, fixed_costs, monkeypatch):
+    """The plan's timing runs on copies and restores the RNG: a --time run and a run without a budget given the
+    plan's steps and epochs end bit-exact alike (the copies' steps run; only the seconds they report are fixed,
+    so that the plan is)."""
+    from .test_resume import assert_same_run
+
+    monkeypatch.setattr(budget, "_time_steps", lambda parts: (REAL_TIME_STEPS(parts), 0.05)[1])
+    monkeypatch.setattr(budget, "_time_validation", lambda parts: (REAL_TIME_VALIDATION(parts), 0.2)[1])
+    recipe = {"optim.schedule": "linear", "optim.warmup_fraction": 0.1, "train.val_every": 1}
+    fit(load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(small_folder, **recipe, **{
+        "train.time_budget": "3s"})), tmp_path, "budget", quiet=True)
+    saved = yaml.safe_load((tmp_path / "budget" / "config.yaml").read_text())["train"]
+    assert (saved["steps"], saved["epochs"]) == (34, 6)
+    fit(load_config(REPO / "configs" / "cnn.yaml", tiny_overrides(small_folder, **recipe, **{
+        "train.steps": 34, "train.epochs": 6})), tmp_path, "fixed", quiet=True)
+    assert_same_run(tmp_path / "budget", tmp_path / "fixed", summary_aside=frozenset({"time_budget_seconds"}))
 
 
 def test_a_killed_budget_run_resumes_into_its_plan_bit_exact(small_folder, tmp_path, fixed_costs, monkeypatch):
