@@ -104,3 +104,33 @@ def test_a_muon_run_learns_and_resumes_bit_exact(small_folder, tmp_path, monkeyp
         assert _cli(*args, "--name", "run") == 128 + signal.SIGINT
     assert _cli("train", "--resume", str(tmp_path / "run")) == 0
     assert_same_run(tmp_path / "run", tmp_path / "clean")
+
+
+def test_the_whitening_bias_can_anneal_to_zero_over_its_epochs_as_in_airbench94_muon():
+    """model.whiten_bias_anneal: the stem's bias gets the BN biases' lr and decay in a group of its own, whose
+    lr falls linearly to zero over whiten_bias_epochs (3 of 8 here) while the rest follow the run's schedule."""
+    from cifarlab.train.optim import build_scheduler
+
+    cfg = load_config(REPO / "configs" / "speedrun-muon.yaml", ["model.whiten_bias_anneal=true"])
+    model = create_model("speednet", 10, **cfg.model.params)
+    opt = build_optimizer(model, cfg.optim)
+    home = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
+    assert len(home) == sum(p.requires_grad for p in model.parameters())  # every trained parameter, once
+    stem, norm = (opt.param_groups[home[id(p)]] for p in (model.whiten.bias, model.blocks[0].norm1.bias))
+    assert stem is not norm and stem["anneal_epochs"] == 3 and "anneal_epochs" not in norm
+    assert (stem["lr"], stem["weight_decay"], stem["kind"]) == (norm["lr"], norm["weight_decay"], norm["kind"])
+    sched, per_step = build_scheduler(opt, cfg.optim, cfg.train.epochs, 5)
+    assert per_step
+    peak = stem["lr"]
+    stem_lrs, norm_lrs = [], []
+    for _ in range(40):
+        stem_lrs.append(stem["lr"])
+        norm_lrs.append(norm["lr"])
+        opt.step()
+        sched.step()
+    assert stem_lrs[0] == norm_lrs[0] == pytest.approx(peak)
+    assert stem_lrs[10] == pytest.approx(peak / 3) and all(v == 0 for v in stem_lrs[15:])
+    assert norm_lrs[20] == pytest.approx(peak / 2) and norm_lrs[-1] > 0  # the run's linear decay over 40 steps
+    # Off (the default): the stem's bias stays in the weights' group, on the run's schedule.
+    plain = create_model("speednet", 10, **load_config(REPO / "configs" / "speedrun-muon.yaml", []).model.params)
+    assert all("anneal_epochs" not in g for g in build_optimizer(plain, cfg.optim).param_groups)

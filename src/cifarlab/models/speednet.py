@@ -34,6 +34,9 @@ BatchNorm settings for short schedules (airbench's ablations):
   their decay per step relative to the other weights' (0 = none).
 * ``whiten_bias_epochs``: the stem's bias trains for this many epochs and is
   then frozen (airbench94: 3 of its 9.9); None (the default) trains it all run.
+  ``whiten_bias_anneal`` (airbench94_muon): over those epochs its learning rate
+  falls linearly to zero on its own schedule, and it takes the BN biases'
+  learning rate and decay (its own optimizer group, ``anneal_epochs``).
   ``cifarlab.train.fit`` calls :meth:`SpeedNet.start_epoch` before each epoch.
 * the stem runs in fp32 even under bf16 autocast: its filters amplify the
   weakest patch directions up to 1/sqrt(eps) = 45x, and bf16's 8-bit mantissa
@@ -90,9 +93,11 @@ class ConvGroup(nn.Module):
 class SpeedNet(nn.Module):
     def __init__(self, num_classes: int, widths: list[int], whiten_kernel: int, bn_momentum: float,
                  bn_eps: float, bn_weight: bool, dirac: bool, head_scale: float, bias_lr_scale: float,
-                 bias_decay: float = 1.0, whiten_bias_epochs: float | None = None, head_std: float = 0.0):
+                 bias_decay: float = 1.0, whiten_bias_epochs: float | None = None, head_std: float = 0.0,
+                 whiten_bias_anneal: bool = False):
         super().__init__()
         self.whiten_bias_epochs = whiten_bias_epochs
+        self.whiten_bias_anneal = whiten_bias_anneal
         k = whiten_kernel
         self.whiten = nn.Conv2d(3, 2 * 3 * k * k, kernel_size=k, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from data by init_whitening, then fixed
@@ -159,20 +164,25 @@ class SpeedNet(nn.Module):
         BN group's wd is ``bias_decay / bias_lr_scale`` x the others' for a decay per step ``bias_decay`` x
         theirs (1 by default: the same).
         """
+        anneal = self.whiten_bias_anneal and self.whiten_bias_epochs
+        own = [self.whiten.bias] if anneal and self.whiten.bias.requires_grad else []
         norm = [p for n, p in self.named_parameters() if ".norm" in n and p.requires_grad]
-        other = [p for n, p in self.named_parameters() if ".norm" not in n and p.requires_grad]
-        return [{"params": other, "weight_decay": weight_decay, "lr_scale": 1.0},
-                {"params": norm, "weight_decay": weight_decay * self.bias_decay / self.bias_lr_scale,
-                 "lr_scale": self.bias_lr_scale}]
+        other = [p for n, p in self.named_parameters()
+                 if ".norm" not in n and p.requires_grad and not any(p is q for q in own)]
+        bias = {"weight_decay": weight_decay * self.bias_decay / self.bias_lr_scale, "lr_scale": self.bias_lr_scale}
+        groups = [{"params": other, "weight_decay": weight_decay, "lr_scale": 1.0}, {"params": norm, **bias}]
+        # The stem's bias under whiten_bias_anneal: the BN biases' settings, its lr to zero over its epochs.
+        return groups + ([{"params": own, **bias, "anneal_epochs": float(self.whiten_bias_epochs)}] if own else [])
 
 
 @register_model(head="head", whitening=True, start_epoch=True, param_groups=True)
 def speednet(num_classes: int = 10, *, widths: list[int] = [64, 256, 256], whiten_kernel: int = 2,  # noqa: B006
              bn_momentum: float = 0.1, bn_eps: float = 1e-12, bn_weight: bool = False, dirac: bool = True,
              head_scale: float = 1 / 9, bias_lr_scale: float = 64.0, bias_decay: float = 1.0,
-             whiten_bias_epochs: float | None = None, head_std: float = 0.0) -> nn.Module:
+             whiten_bias_epochs: float | None = None, head_std: float = 0.0,
+             whiten_bias_anneal: bool = False) -> nn.Module:
     return SpeedNet(num_classes, list(widths), whiten_kernel, bn_momentum, bn_eps, bn_weight, dirac, head_scale,
-                    bias_lr_scale, bias_decay, whiten_bias_epochs, head_std)
+                    bias_lr_scale, bias_decay, whiten_bias_epochs, head_std, whiten_bias_anneal)
 
 
 def _check(p: dict, image_size: int) -> None:

@@ -112,4 +112,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
             return floor + (1 - floor) * (1 - t)
         return 1.0
 
-    return LambdaLR(optimizer, factor), True
+    def annealed(epochs: float):  # a group of its own (speednet's whiten_bias_anneal): 1 -> 0 over its epochs
+        end = max(1.0, epochs * steps_per_epoch)
+        return lambda step: max(0.0, 1.0 - step / end)
+
+    lambdas = [annealed(g["anneal_epochs"]) if g.get("anneal_epochs") else factor for g in optimizer.param_groups]
+    return LambdaLR(optimizer, lambdas if any(f is not factor for f in lambdas) else factor), True
