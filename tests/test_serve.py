@@ -364,9 +364,13 @@ with TestClient(create_app(ServeConfig(model={str(fp32)!r}))) as c:
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "P", "PA", "1", "I;16", "I", "F", "CMYK", "YCbCr"])
 def test_the_servers_conversion_is_predicts(mode):
-    """serve.inputs.to_rgb_array repeats data.folder.to_rgb_array (which imports PyTorch): the same arrays."""
+    """The server converts with the very function the training folders and predict use (cifarlab.pixels, which
+    imports no PyTorch), and every image mode comes out (size, size, 3) uint8 RGB."""
     from cifarlab.data.folder import to_rgb_array as reference
-    from cifarlab.serve.inputs import to_rgb_array
+    from cifarlab.pixels import to_rgb_array
+    from cifarlab.serve import inputs
+
+    assert inputs.to_rgb_array is to_rgb_array is reference
 
     rng = np.random.default_rng(3)
     base = Image.fromarray(rng.integers(0, 256, (45, 37, 4), dtype=np.uint8), "RGBA")
@@ -378,7 +382,14 @@ def test_the_servers_conversion_is_predicts(mode):
     if mode == "P":
         im.info["transparency"] = 3
     for size in (32, 45):
-        np.testing.assert_array_equal(to_rgb_array(im.copy(), size), reference(im.copy(), size))
+        out = to_rgb_array(im.copy(), size)
+        assert out.shape == (size, size, 3) and out.dtype == np.uint8
+        if mode == "RGB":  # Pillow's bicubic resize, nothing else
+            np.testing.assert_array_equal(out, np.asarray(im.resize((size, size), Image.Resampling.BICUBIC)))
+    if mode == "RGBA":  # transparency composited on black: a fully transparent image is zeros
+        clear = np.asarray(im).copy()
+        clear[..., 3] = 0
+        assert not to_rgb_array(Image.fromarray(clear, "RGBA"), 32).any()
 
 
 # --------------------------------------------------------------------------- CLI errors

@@ -4,7 +4,7 @@ A :class:`Predictor` is rebuilt from the best weights by the loader ``evaluate``
 (:func:`cifarlab.evaluation.loader.load_model`): ``best.safetensors`` and its ``best.json`` sidecar hold
 the model name, hyperparameters, classes, normalization and image size, so a run directory (or an
 exported ``.safetensors`` with its ``.json``) is enough; the training data is not needed. Every input
-goes through the same conversion as the training images (:func:`cifarlab.data.folder.to_rgb_array`:
+goes through the same conversion as the training images (:func:`cifarlab.pixels.to_rgb_array`:
 alpha composited on black, grayscale and palette to RGB, bicubic resize to ``image_size``), then the
 same normalization (:class:`cifarlab.data.loader.Normalize`), so a test image scores the same here as
 in ``cifarlab evaluate``: with the same test-time augmentation, which defaults to the one ``evaluate``
@@ -25,11 +25,12 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from .data.folder import IMAGE_EXTS, decode_image, to_rgb_array
+from .data.folder import IMAGE_EXTS, decode_image
 from .data.loader import Normalize
 from .errors import CifarlabError, DataError
 from .evaluation.inference import TTA_VIEWS, predict_logits
 from .evaluation.loader import load_model
+from .pixels import to_rgb_array
 from .train.runtime import Runtime
 
 ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W), (H, W, 3|4) or (N, H, W, 3)

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..pixels import to_rgb_array
 from .registry import RawData, Source, register_source
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -111,19 +112,6 @@ def fingerprint_entries(files: dict[str, list[tuple[Path, int]]]) -> list[tuple[
             st = p.stat()
             out.append((str(p), st.st_size, st.st_mtime_ns))
     return out
-
-
-def to_rgb_array(im: Image.Image, size: int) -> np.ndarray:
-    """A loaded Pillow image of any mode and size as (size, size, 3) uint8 RGB (also used by ``predict``)."""
-    if im.mode != "RGB":
-        if im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on black, like zeros
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
-            im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(im, dtype=np.uint8)
 
 
 def decode_image(path: str | Path, size: int) -> np.ndarray:

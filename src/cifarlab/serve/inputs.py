@@ -4,12 +4,9 @@ Every way an upload can be wrong ends in :class:`InputError` (an HTTP status, a 
 in an exception that escapes the request. The pixel limit is checked on the image's header, before a single pixel
 is decoded: a small file can declare a huge image (a decompression bomb: a PNG of 10,000 x 10,000 pixels of one
 colour is a few kB and would take 300 MB to decode). The conversion after decoding is ``cifarlab predict``'s
-(:func:`cifarlab.data.folder.to_rgb_array`: transparency on black, grayscale and palette to RGB, bicubic resize),
-so the server scores an image as ``predict`` and ``evaluate`` do.
-
-:func:`to_rgb_array` repeats that function's few lines rather than importing it: importing ``cifarlab.data`` imports
-PyTorch, 500 MB of resident memory in every worker of a server that runs an ONNX file without it.
-tests/test_serve.py checks that the two give the same array for every image mode.
+(:func:`cifarlab.pixels.to_rgb_array`: transparency on black, grayscale and palette to RGB, bicubic resize),
+so the server scores an image as ``predict`` and ``evaluate`` do. That module imports no PyTorch (500 MB of
+resident memory in every worker of a server that runs an ONNX file without it), nor does this one.
 """
 
 from __future__ import annotations
@@ -19,6 +16,8 @@ import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from ..pixels import to_rgb_array
 
 
 # Raster formats only (the extensions cifarlab reads from folders). Pillow would also open EPS, whose decoding runs
@@ -73,15 +72,3 @@ def decode(data: bytes, size: int, max_pixels: int, name: str = "image") -> np.n
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             code = "truncated_image" if "truncat" in reason.lower() or isinstance(e, EOFError) else "bad_image"
             raise InputError(422, code, f"{name} cannot be decoded: {reason}") from None
-
-
-def to_rgb_array(im: Image.Image, size: int) -> np.ndarray:
-    """:func:`cifarlab.data.folder.to_rgb_array`, without importing PyTorch: (size, size, 3) uint8 RGB."""
-    if im.mode != "RGB":
-        if im.mode in ("RGBA", "LA", "P", "PA"):  # composite transparency on black, like zeros
-            im = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im)
-        im = im.convert("RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(im, dtype=np.uint8)
