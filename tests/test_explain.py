@@ -278,13 +278,24 @@ def test_predict_explain_writes_one_overlay_per_image(trained_run, small_folder,
     assert f"{1 + n_folder} Grad-CAM overlays" in cap.err
     files = sorted(out.iterdir())
     assert len(files) == 1 + n_folder
-    # Named after the inputs; the cat's 0000.jpg and the ship folder's 0000.jpg do not overwrite each other.
-    assert (out / f"{one.stem}.png").is_file() and (out / f"{one.stem}-2.png").is_file()
-    with Image.open(out / f"{one.stem}.png") as im:
+    # Named after the inputs; the cat's 0000.jpg and the ship folder's 0000.jpg keep their folders' names.
+    assert (out / f"cat_{one.stem}.png").is_file() and (out / f"ship_{one.stem}.png").is_file()
+    assert (out / f"{sorted(folder.iterdir())[-1].stem}.png").is_file()  # a name no other input has: as it is
+    with Image.open(out / f"cat_{one.stem}.png") as im:
         assert im.size == (2 * 128 + 4, 128) and im.mode == "RGB"
         assert im.text["image"] == str(one) and im.text["explained"] == preds[0]["top_k"][0]["label"]
         pixels = np.asarray(im)
     assert pixels[:, 128:132].min() == 255 and pixels[:, 132:].std() > 0
+
+
+def test_overlay_names_take_folders_only_where_file_names_repeat():
+    from cifarlab.predict import overlay_names
+
+    assert overlay_names(["/p/cat/1.jpg", "/p/dog/1.jpg", "/p/dog/2.jpg", "image[3]"]) == \
+        ["cat_1.png", "dog_1.png", "2.png", "image[3].png"]
+    assert overlay_names(["a/x/1.jpg", "b/x/1.jpg", "1.png", "a/x/1.jpg"]) == \
+        ["a_x_1.png", "b_x_1.png", "1.png", "a_x_1-2.png"]  # deeper where needed; the same file twice: -2
+    assert overlay_names(["/d/my photo.jpg"]) == ["my_photo.png"]
 
 
 def test_predict_explain_on_a_model_with_nothing_to_explain_exits_2(mlp_registered, tmp_path, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -167,7 +168,7 @@ def write_overlays(predictor: Predictor, preds: Sequence[Prediction], items: Seq
                    out_dir: str | Path, batch_size: int = 64) -> list[Path]:
     """One PNG per image in ``out_dir``: the image and, beside it, the Grad-CAM map of its predicted class over
     it (:func:`cifarlab.evaluation.explain.side_by_side`), named after the input file (``cat.jpg`` ->
-    ``cat.png``; ``cat-2.png`` for a second ``cat.*``). The PNG's text fields name the image, the class and its
+    ``cat.png``; files of the same name get their folders' names too: :func:`overlay_names`). The PNG's text fields name the image, the class and its
     probability."""
     from PIL.PngImagePlugin import PngInfo
 
@@ -196,11 +197,29 @@ def write_overlays(predictor: Predictor, preds: Sequence[Prediction], items: Seq
 
 
 def overlay_names(sources: Sequence[str]) -> list[str]:
-    """``<stem>.png`` per source (a file path, or ``image[i]``), ``<stem>-2.png``... where stems repeat."""
+    """``<stem>.png`` per source (a file path, or ``image[i]``); where stems repeat, the folders above them are
+    prefixed until the names differ (``cat/0000.jpg``, ``ship/0000.jpg`` -> ``cat_0000.png``, ``ship_0000.png``),
+    then ``-2``, ``-3``... for what still repeats (the same file twice)."""
+    def clean(s: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_.[]" else "_" for c in s)
+
+    parts = [(q.parts[1:] if q.anchor else q.parts) or ("image",) for q in (Path(s).with_suffix("") for s in sources)]
+    depth = [1] * len(sources)
+
+    def label(i: int) -> str:
+        return "_".join(clean(x) for x in parts[i][-depth[i]:]) or "image"
+
+    while True:  # lengthen the colliding names by a folder each round, while they have folders to give
+        names = [label(i) for i in range(len(sources))]
+        count = Counter(names)
+        grow = [i for i, n in enumerate(names) if count[n] > 1 and depth[i] < len(parts[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
     used: set[str] = set()
     out = []
-    for src in sources:
-        stem = "".join(c if c.isalnum() or c in "-_.[]" else "_" for c in Path(src).stem) or "image"
+    for stem in names:
         name, k = f"{stem}.png", 1
         while name in used:
             k += 1
