@@ -27,11 +27,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import optuna
 import yaml
 
 from ..config import RunConfig
 from ..errors import CifarlabError
+from ..evaluation.groups import members
 from ..io import atomic_write_text
+from ..report.study import make_study_report
+from ..sweep import narrow, open_study, run_sweep
+from ..sweep.results import ranked
+from ..sweep.storage import DEFAULT_HEARTBEAT, counted, open_storage
+from ..train.group import evaluate_seed, train_group
+from .final import claimed_group
 from .spec import ModelPlan, StudySpec, load_study_file
 
 STAGES = ("stage1", "narrow", "stage2", "best", "final", "evaluate")
@@ -80,14 +88,10 @@ class Progress:
 
 def _counted(sweep_dir: Path, name: str, storage: str | None) -> int:
     """Trials of a sweep already counted against its budget (0 when it has not started)."""
-    from ..sweep.storage import counted, open_storage
-
     url = storage or (json.loads((sweep_dir / "study.json").read_text())["storage"]
                       if (sweep_dir / "study.json").is_file() else None)
     if url is None:
         return 0
-    import optuna
-
     try:
         st = optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
@@ -115,8 +119,6 @@ def run_study(study_file: str | Path, *, out: str | Path | None = None, storage:
     for i, plan in enumerate(spec.models):
         run_model(spec, plan, i, state, progress, storage=storage, workers=workers, heartbeat=heartbeat, seed=seed)
     if report:
-        from ..report.study import make_study_report
-
         log(f"[study {spec.name}] writing the study report")
         path = make_study_report(spec, state.data, storage=storage)
         state.data["report"] = str(path)
@@ -134,9 +136,6 @@ def _sweep_kwargs(storage, workers, heartbeat, seed) -> dict[str, Any]:
 
 def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, progress: Progress, *,
               storage: str | None, workers: int, heartbeat: int | None, seed: int | None) -> None:
-    from ..sweep import narrow, open_study, run_sweep
-    from ..sweep.results import ranked
-
     say = lambda stage, msg: progress(index, plan.name, stage, msg)  # noqa: E731
     sweeps = spec.study_dir / "sweeps"
     sweeps.mkdir(parents=True, exist_ok=True)
@@ -226,14 +225,9 @@ def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, p
     # ---- final: N seeds of the best config, then the test set
     group_dir = spec.study_dir / "final" / plan.name
     if not state.done(plan.name, "final"):
-        from ..train.group import train_group
-
         cfg = RunConfig.from_dict(yaml.safe_load(best_file.read_text())).validate()
         say("final", f"{plan.seeds} seed(s) of {cfg.train.epochs} epochs -> {group_dir}")
         if storage:  # several machines: the seeds are claimed through the storage like trials
-            from ..sweep.storage import DEFAULT_HEARTBEAT
-            from .final import claimed_group
-
             claimed_group(cfg, group_dir, plan.seeds, storage, f"{spec.name}-{plan.name}-final",
                           heartbeat=heartbeat or DEFAULT_HEARTBEAT, log=lambda m: say("final", m))
         else:
@@ -243,9 +237,6 @@ def run_model(spec: StudySpec, plan: ModelPlan, index: int, state: StudyState, p
     else:
         say("final", "done before, reused")
     if not state.done(plan.name, "evaluate"):
-        from ..evaluation.groups import members
-        from ..train.group import evaluate_seed
-
         accs = []
         for k, d in members(group_dir):
             evaluate_seed(d)
