@@ -16,6 +16,7 @@ longer. 32x32 images, noise in [0, 0.5) everywhere, an 8x8 patch at 1.0:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 
@@ -35,7 +36,6 @@ from cifarlab.train.checkpoint import save_weights
 
 S, P = 32, 8  # image side, patch side
 PEAK_IN_PATCH_CNN = 38  # of 40 test images (observed: 40)
-PEAK_IN_PATCH_VIT = 26  # of 40 (observed: 31); and the map's mean in the patch >= 2x its mean over the image
 
 
 def corner_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,17 +114,30 @@ def test_cnn_heatmap_peaks_on_the_deciding_patch(patch_cnn):
     assert float(other[patch].mean()) < 0.5 * float(maps[patch].mean())
 
 
-def test_vit_token_heatmap_peaks_on_the_deciding_patch():
+def test_vit_token_heatmap_is_gradcam_over_the_patch_token_grid():
+    """A ViT's map is Grad-CAM over its patch tokens entering the last block (the class token dropped, the N
+    tokens on their sqrt(N) x sqrt(N) grid, row by row), computed here directly from a hook. Where a trained
+    ViT's token map lands is not asserted: a tiny ViT that learned colour_task perfectly peaked on the deciding
+    patch in 31 of 40 images on one machine and in 0 on another (over four training seeds, 0 to 22; gradient x
+    activation did no better), so it depends on how training routed the evidence, not on this code."""
     torch.manual_seed(0)
-    vit = train(tiny_vit(), colour_task, 150, 1e-3)
-    x, y = colour_task(40, 123)
-    with torch.no_grad():
-        assert (vit(x).argmax(1) == y).float().mean() >= 0.95
-    maps, _ = gradcam(vit, x, y)
-    assert E.explain_layer(vit, x) == ("tokens", "blocks.1.norm1")
-    r, c = peaks(maps)
-    assert int(((r < P) & (c < P)).sum()) >= PEAK_IN_PATCH_VIT, (r.tolist(), c.tolist())
-    assert float(maps[:, :P, :P].mean()) >= 2 * float(maps.mean())
+    vit = train(tiny_vit(), colour_task, 20, 1e-3)
+    x, y = colour_task(8, 123)
+    maps, classes = gradcam(vit, x, y)
+    assert E.explain_layer(vit, x) == ("tokens", "blocks.1.norm1") and torch.equal(classes, y)
+    saved: list[torch.Tensor] = []
+    handle = vit.blocks[1].norm1.register_forward_hook(lambda m, args, out: saved.append(out))
+    logits = vit(x)
+    handle.remove()
+    (g,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), saved[0])
+    a, g = saved[0].detach()[:, 1:], g[:, 1:]  # (B, N, D): the class token first, dropped
+    n = math.isqrt(a.shape[1])
+    cam = F.relu((g.mean(1, keepdim=True) * a).sum(-1)).reshape(len(x), 1, n, n)  # (B, 1, n, n), row-major
+    want = F.interpolate(cam, size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+    want = want / want.amax(dim=(1, 2), keepdim=True)
+    assert n * n == a.shape[1] and n > 1 and bool((want.amax(dim=(1, 2)) > 0).all())
+    torch.testing.assert_close(maps, want)
+    assert not torch.allclose(maps, want.flip(-1))  # the grid's orientation is checked, not only its values
 
 
 # ----------------------------------------------------------------------------- Captum and the hooks
