@@ -56,9 +56,9 @@ def test_a_budget_sets_the_steps_and_the_schedule_ends_with_them(small_folder, t
 
 
 def test_a_budget_run_is_the_fixed_run_of_its_planned_length(small_folder, tmp_path, fixed_costs, monkeypatch):
-    """The plan's timing runs on copies and restores the RNG: a --time run and a run without a budget given the
-    plan's steps and epochs end bit-exact alike (the copies' steps run; only the seconds they report are fixed,
-    so that the plan is)."""
+    """The plan's timing trains copies of the model and optimizer, not the run's own: a --time run and a run
+    without a budget given the plan's steps and epochs end bit-exact alike (the copies' steps run; only the
+    seconds they report are fixed, so that the plan is). Timing on the run's own model fails it."""
     from .test_resume import assert_same_run
 
     monkeypatch.setattr(budget, "_time_steps", lambda parts: (REAL_TIME_STEPS(parts), 0.05)[1])
