@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
             b = one(load_config(args.config, base + [f"train.seed={seed}", f"train.epochs={epochs}"]), data,
                     Path(tmp), f"epochs-{seed}")
             c = one(load_config(args.config, base + [f"train.seed={seed}", f"train.epochs={a['epochs']}",
-                                                     f"train.steps={a['steps'] or 0}"]), data, Path(tmp), f"steps-{seed}")
+                                                     f"train.steps={a['steps'] or 0}"]),
+                    data, Path(tmp), f"steps-{seed}")
             rows.append({"seed": seed, "budget": budget, "time": a, "epochs": b, "same_steps": c,
                          "off_budget": round(a["wall_seconds"] / budget - 1, 4)})
             print(f"seed {seed}: --time {args.time}: {a['wall_seconds']}s ({rows[-1]['off_budget']:+.1%} of the "

@@ -168,8 +168,8 @@ def write_overlays(predictor: Predictor, preds: Sequence[Prediction], items: Seq
                    out_dir: str | Path, batch_size: int = 64) -> list[Path]:
     """One PNG per image in ``out_dir``: the image and, beside it, the Grad-CAM map of its predicted class over
     it (:func:`cifarlab.evaluation.explain.side_by_side`), named after the input file (``cat.jpg`` ->
-    ``cat.png``; files of the same name get their folders' names too: :func:`overlay_names`). The PNG's text fields name the image, the class and its
-    probability."""
+    ``cat.png``; files of the same name get their folders' names too: :func:`overlay_names`). The PNG's text
+    fields name the image, the class and its probability."""
     from PIL.PngImagePlugin import PngInfo
 
     from .evaluation.explain import side_by_side

@@ -116,5 +116,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
         end = max(1.0, epochs * steps_per_epoch)
         return lambda step: max(0.0, 1.0 - step / end)
 
-    lambdas = [annealed(g["anneal_epochs"]) if g.get("anneal_epochs") else factor for g in optimizer.param_groups]
-    return LambdaLR(optimizer, lambdas if any(f is not factor for f in lambdas) else factor), True
+    # One function per group (LambdaLR repeats a single one per group itself, so this is the same without anneal).
+    return LambdaLR(optimizer, [annealed(g["anneal_epochs"]) if g.get("anneal_epochs") else factor
+                                for g in optimizer.param_groups]), True
